@@ -1,0 +1,51 @@
+"""Checkpoints as plain dicts: written atomically, loaded with weights_only=True."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from errors import InputError
+
+REQUIRED_KEYS = ("kind", "model", "opt", "vocab", "epoch")
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str, kind: str | None = None) -> dict:
+    """Load a checkpoint safely; refuse pickled objects, corrupt files and the wrong subnetwork."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise InputError(f"{path}: refused, the checkpoint holds pickled Python objects that could run code "
+                             f"when loaded ({first[:160]}); only plain-dict checkpoints are loaded") from None
+        raise InputError(f"{path}: corrupt checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({first[:160]})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise InputError(f"{path}: not an M2HSE checkpoint (needs the keys {', '.join(REQUIRED_KEYS)})")
+    if kind is not None and state["kind"] != kind:
+        raise InputError(f"{path}: this is a {state['kind']}-level checkpoint, a {kind}-level one is needed here")
+    return state

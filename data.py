@@ -1,0 +1,126 @@
+"""Precomputed-feature datasets in the authors' precomp layout (SPEC section 1) and their loaders."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from errors import InputError
+from vocab import Vocabulary, read_captions
+
+NUM_BLOCKS = 9  # uniform 3x3 grid
+
+
+def split_file(folder: str, split: str, kind: str) -> str:
+    """Path of one file of a split: kind is caps, cnns, bovws or labels."""
+    return os.path.join(folder, f"{split}_{kind}.txt" if kind == "caps" else f"{split}_{kind}.npy")
+
+
+def has_split(data_path: str, data_name: str, split: str) -> bool:
+    return os.path.isfile(split_file(os.path.join(data_path, data_name), split, "caps"))
+
+
+def _load_array(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise InputError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Tensor:
+    """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite."""
+    array = _load_array(path)
+    expected = "(N, {})".format(dim) if granularity == "global" else f"(N, {NUM_BLOCKS}, {dim})"
+    ndim = 2 if granularity == "global" else 3
+    if array.ndim != ndim:
+        other = "fine-grained (local)" if array.ndim == 3 else "coarse-grained (global)"
+        hint = f"; it looks like {other} data" if array.ndim in (2, 3) else ""
+        raise InputError(f"{path}: shape {array.shape} has {array.ndim} axes, the {granularity} "
+                         f"subnetwork needs {expected}{hint}")
+    if granularity == "local" and array.shape[1] != NUM_BLOCKS:
+        raise InputError(f"{path}: shape {array.shape}, expected {NUM_BLOCKS} blocks per image {expected}")
+    if array.shape[-1] != dim:
+        raise InputError(f"{path}: feature width {array.shape[-1]} differs from {flag} {dim}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{path}: features must be real numbers, found dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise InputError(f"{path}: {int(bad.sum())} NaN or inf values (first in row {row})")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_labels(path: str) -> torch.Tensor:
+    """Integer labels (N,) from (N,) or (N, 1), or a multi-hot (N, C) of 0/1."""
+    array = _load_array(path)
+    if array.ndim not in (1, 2) or array.size == 0:
+        raise InputError(f"{path}: labels must be (N,), (N, 1) or multi-hot (N, C), found shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.int64)
+    if not np.issubdtype(array.dtype, np.number) or np.any(array != np.round(array)):
+        raise InputError(f"{path}: labels must be integers, found dtype {array.dtype} with non-integer values")
+    array = array.astype(np.int64)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2 and not np.isin(array, (0, 1)).all():
+        raise InputError(f"{path}: multi-hot labels (N, C) must hold only 0 and 1")
+    return torch.from_numpy(array)
+
+
+class PrecompDataset(Dataset):
+    """One split of a precomp folder: captions, CNN and BoVW features, labels; row i is one item."""
+
+    def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
+                 granularity: str, cnn_dim: int, bovw_dim: int):
+        folder = os.path.join(data_path, data_name)
+        if not os.path.isdir(folder):
+            raise InputError(f"{folder}: data folder not found (check --data_path and --data_name)")
+        caps_path = split_file(folder, split, "caps")
+        self.captions = [torch.tensor(vocab.encode(c)) for c in read_captions(caps_path)]
+        if not self.captions:
+            raise InputError(f"{caps_path}: the split '{split}' is empty")
+        self.cnns = load_features(split_file(folder, split, "cnns"), granularity, cnn_dim, "--cnn_dim")
+        self.bovws = load_features(split_file(folder, split, "bovws"), granularity, bovw_dim, "--bovw_dim")
+        self.labels = load_labels(split_file(folder, split, "labels"))
+        counts = {caps_path: len(self.captions)}
+        for kind, rows in (("cnns", self.cnns), ("bovws", self.bovws), ("labels", self.labels)):
+            counts[split_file(folder, split, kind)] = len(rows)
+        if len(set(counts.values())) != 1:
+            listing = ", ".join(f"{os.path.basename(p)}: {n}" for p, n in counts.items())
+            raise InputError(f"{folder}: row counts of split '{split}' disagree ({listing})")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        return self.cnns[index], self.bovws[index], self.captions[index], self.labels[index], index
+
+
+def collate(batch: list) -> tuple[torch.Tensor, ...]:
+    """Stack a batch sorted by caption length, longest first, captions zero-padded."""
+    batch = sorted(batch, key=lambda item: len(item[2]), reverse=True)
+    cnns, bovws, captions, labels, ids = zip(*batch)
+    lengths = torch.tensor([len(c) for c in captions])
+    padded = torch.zeros(len(captions), int(lengths[0]), dtype=torch.long)
+    for row, caption in enumerate(captions):
+        padded[row, :len(caption)] = caption
+    return torch.stack(cnns), torch.stack(bovws), padded, lengths, torch.stack(labels), torch.tensor(ids)
+
+
+def make_loader(dataset: PrecompDataset, batch_size: int, workers: int = 0,
+                batches: list[list[int]] | None = None) -> DataLoader:
+    """Loader over given index batches (training order) or in dataset order (evaluation)."""
+    if batches is None:
+        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers)
+
+
+def shuffled_batches(size: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's shuffled index batches (the last one may be smaller)."""
+    order = torch.randperm(size, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, size, batch_size)]

@@ -1,0 +1,91 @@
+"""Encoders shared by the global and local subnetworks (SPEC section 3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+L2_EPS = 1e-8
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = L2_EPS) -> torch.Tensor:
+    """The released code's L2 normalisation: x / sqrt(sum((x + eps)^2)); zero rows stay zero."""
+    return x / (x + eps).pow(2).sum(dim=dim, keepdim=True).sqrt()
+
+
+class VisualEncoder(nn.Module):
+    """Linear projection of a visual feature (or of each of its blocks), L2-normalised."""
+
+    def __init__(self, in_dim: int, embed_size: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, embed_size)
+        # Xavier-uniform range of the released code, bias 0.
+        r = math.sqrt(6.0) / math.sqrt(in_dim + embed_size)
+        nn.init.uniform_(self.fc.weight, -r, r)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., embed_size), unit length on the last axis."""
+        return l2norm(self.fc(features))
+
+
+class TextEncoder(nn.Module):
+    """Word embedding + (Bi)GRU; returns one unit vector per word, padding set to zero."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int,
+                 num_layers: int = 1, bi_gru: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bi_gru)
+        self.bi_gru = bi_gru
+        self.embed_size = embed_size
+
+    def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """captions (B, L) token ids, lengths (B,) -> word vectors (B, max(lengths), embed_size)."""
+        packed = pack_padded_sequence(self.embed(captions), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        words, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        if self.bi_gru:  # average the two directions, as the released code does
+            words = (words[..., :self.embed_size] + words[..., self.embed_size:]) / 2
+        return l2norm(words)
+
+
+def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_mean") -> torch.Tensor:
+    """Caption vector from word vectors (B, L, d).
+
+    padded_mean divides the sum by the batch's longest caption (released code);
+    masked_mean divides by each caption's own length.
+    """
+    total = words.sum(dim=1)  # padding rows are zero, so this is the true-length sum
+    if mode == "padded_mean":
+        return total / words.size(1)
+    if mode == "masked_mean":
+        return total / lengths.to(total)[:, None]
+    raise ValueError(f"unknown text pooling {mode!r}: use padded_mean or masked_mean")
+
+
+class TwoBranchModel(nn.Module):
+    """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
+
+    Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2).
+    """
+
+    kind = ""
+    aux_weights: tuple[str, str] = ("", "")
+
+    def __init__(self, opt: dict, vocab_size: int):
+        super().__init__()
+        self.opt = dict(opt)
+        embed = opt["embed_size"]
+        self.img_cnn = VisualEncoder(opt["cnn_dim"], embed)
+        self.img_bovw = VisualEncoder(opt["bovw_dim"], embed)
+        self.txt_cnn = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
+        self.txt_bovw = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each similarity's MSB term: 1 for S_P, the option values for S_A1, S_A2."""
+        first, second = self.aux_weights
+        return {"P": 1.0, "A1": float(self.opt[first]), "A2": float(self.opt[second])}

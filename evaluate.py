@@ -1,0 +1,197 @@
+"""Evaluate saved subnetworks and their fusion: i2t / t2i mAP@all and R@K tables (SPEC section 7).
+
+  python evaluate.py --global_ckpt checkpoint/M2HSE/Global/Corel5K/model_best.pth.tar \
+                     --local_ckpt checkpoint/M2HSE/Local/Corel5K/model_best.pth.tar --tune_fusion
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from data import PrecompDataset, has_split
+from errors import InputError, report_errors
+from metrics import precision_recall_curve, retrieval_metrics
+from models import load_trained
+from options import resolve_device
+from scoring import similarity_matrix
+
+FUSION_GRID = np.round(np.arange(0.0, 1.0001, 0.05), 2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate M2HSE checkpoints and fuse global and local scores.")
+    p.add_argument("--global_ckpt", default="", help="checkpoint of train_global.py")
+    p.add_argument("--local_ckpt", default="", help="checkpoint of train_local.py")
+    p.add_argument("--data_path", default="", help="data folder when one checkpoint is given "
+                   "(default: the checkpoint's own)")
+    p.add_argument("--global_data_path", default="", help="coarse-grained data folder (default: the checkpoint's)")
+    p.add_argument("--local_data_path", default="", help="fine-grained data folder (default: the checkpoint's)")
+    p.add_argument("--data_name", default="", help="dataset name (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split to evaluate; test falls back to dev when absent")
+    p.add_argument("--fusion_weight", type=float, default=0.5, help="w in w * global + (1 - w) * local")
+    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
+    p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
+    p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--output", default="", help="JSON of the table (default: next to the first checkpoint)")
+    p.add_argument("--save_sims", default="", help="folder for the similarity matrices (.npy)")
+    p.add_argument("--plot", default="", help="PNG of precision-recall curves")
+    args = p.parse_args(argv)
+    if not (args.global_ckpt or args.local_ckpt):
+        p.error("give --global_ckpt, --local_ckpt or both")
+    if not 0.0 <= args.fusion_weight <= 1.0:
+        p.error("--fusion_weight must lie in [0, 1]")
+    return args
+
+
+class Subnetwork:
+    """A trained subnetwork with the data it reads; scores splits on demand, once each."""
+
+    def __init__(self, kind: str, path: str, data_path: str, args: argparse.Namespace, device: torch.device):
+        self.kind, self.path, self.device, self.args = kind, path, device, args
+        self.model, ckpt, self.vocab = load_trained(path, kind, device)
+        self.opt = ckpt["opt"]
+        self.data_path = data_path or self.opt["data_path"]
+        self.data_name = args.data_name or self.opt["data_name"]
+        self._sims: dict[str, np.ndarray] = {}
+        self.datasets: dict[str, PrecompDataset] = {}
+
+    def dataset(self, split: str) -> PrecompDataset:
+        if split not in self.datasets:
+            self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
+                                                  self.opt["cnn_dim"], self.opt["bovw_dim"])
+        return self.datasets[split]
+
+    def sims(self, split: str) -> np.ndarray:
+        if split not in self._sims:
+            batch = self.args.batch_size or self.opt["batch_size"]
+            self._sims[split] = similarity_matrix(self.model, self.dataset(split), batch, self.device,
+                                                  chunk=self.args.chunk)
+        return self._sims[split]
+
+
+def open_subnetworks(args: argparse.Namespace, device: torch.device) -> list[Subnetwork]:
+    both = bool(args.global_ckpt and args.local_ckpt)
+    nets = []
+    for kind, path, own_path in (("global", args.global_ckpt, args.global_data_path),
+                                 ("local", args.local_ckpt, args.local_data_path)):
+        if path:
+            nets.append(Subnetwork(kind, path, own_path or ("" if both else args.data_path), args, device))
+    if both and nets[0].vocab.word2idx != nets[1].vocab.word2idx:
+        raise InputError(f"{args.global_ckpt} and {args.local_ckpt} were trained on different vocabularies; "
+                         "fusion needs both subnetworks trained on the same one")
+    return nets
+
+
+def pick_split(nets: list[Subnetwork], split: str) -> str:
+    net = nets[0]
+    if has_split(net.data_path, net.data_name, split):
+        return split
+    if split == "test" and has_split(net.data_path, net.data_name, "dev"):
+        print(f"notice: no test split in {net.data_path}/{net.data_name}; evaluating on dev "
+              "(the split used to select the checkpoint)")
+        return "dev"
+    raise InputError(f"{os.path.join(net.data_path, net.data_name, split + '_caps.txt')}: split not found")
+
+
+def check_same_items(nets: list[Subnetwork], split: str) -> None:
+    first, second = (net.dataset(split) for net in nets)
+    if len(first) != len(second) or not torch.equal(first.labels, second.labels):
+        raise InputError(f"the {split} split of {nets[0].data_path} and {nets[1].data_path} hold different "
+                         "items (row counts or labels disagree); fusion needs row i to be the same item")
+
+
+def tune_weight(nets: list[Subnetwork]) -> float:
+    """Fusion weight with the best i2t + t2i mAP on dev (first best on ties)."""
+    labels = nets[0].dataset("dev").labels.numpy()
+    g, l = nets[0].sims("dev"), nets[1].sims("dev")
+    scores = []
+    for w in FUSION_GRID:
+        m = retrieval_metrics(w * g + (1 - w) * l, labels, labels)
+        scores.append(m["i2t"]["mAP"] + m["t2i"]["mAP"])
+    return float(FUSION_GRID[int(np.argmax(scores))])
+
+
+def score_rows(nets: list[Subnetwork], split: str, weight: float | None) -> dict[str, np.ndarray]:
+    rows = {net.kind: net.sims(split) for net in nets}
+    if weight is not None:
+        rows["fused"] = weight * rows["global"] + (1 - weight) * rows["local"]
+    return rows
+
+
+def format_table(results: dict[str, dict]) -> str:
+    head = (f"{'':8s} {'i2t mAP':>8s} {'t2i mAP':>8s} {'mean':>7s} | {'i2t R@1':>7s} {'R@5':>6s} {'R@10':>6s}"
+            f" | {'t2i R@1':>7s} {'R@5':>6s} {'R@10':>6s}")
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        i2t, t2i = m["i2t"], m["t2i"]
+        lines.append(f"{name:8s} {i2t['mAP']:8.2f} {t2i['mAP']:8.2f} {m['mean_mAP']:7.2f} | "
+                     f"{i2t['R@1']:7.2f} {i2t['R@5']:6.2f} {i2t['R@10']:6.2f} | "
+                     f"{t2i['R@1']:7.2f} {t2i['R@5']:6.2f} {t2i['R@10']:6.2f}")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: dict[str, np.ndarray], labels: np.ndarray, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels = np.linspace(0.0, 1.0, 11)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, direction in zip(axes, ("i2t", "t2i")):
+        for name, sims in rows.items():
+            matrix = sims if direction == "i2t" else sims.T
+            ax.plot(levels, precision_recall_curve(matrix, labels, labels, levels), marker="o", label=name)
+        ax.set(title=f"{direction} precision-recall", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(args, rows, results, split, labels, output: str) -> None:
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {output}")
+    if args.save_sims:
+        os.makedirs(args.save_sims, exist_ok=True)
+        for name, sims in rows.items():
+            np.save(os.path.join(args.save_sims, f"{name}_{split}_sims.npy"), sims)
+        print(f"wrote similarity matrices to {args.save_sims}")
+    if args.plot:
+        plot_curves(rows, labels, args.plot)
+        print(f"wrote {args.plot}")
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    nets = open_subnetworks(args, resolve_device(args.device))
+    split = pick_split(nets, args.split)
+    weight = None
+    if len(nets) == 2:
+        check_same_items(nets, split)
+        weight = tune_weight(nets) if args.tune_fusion else args.fusion_weight
+    rows = score_rows(nets, split, weight)
+    labels = nets[0].dataset(split).labels.numpy()
+    results = {}
+    for name, sims in rows.items():
+        results[name] = retrieval_metrics(sims, labels, labels)
+        results[name]["mean_mAP"] = (results[name]["i2t"]["mAP"] + results[name]["t2i"]["mAP"]) / 2
+    print(f"split: {split} ({len(labels)} items, {nets[0].data_name})"
+          + (f", fusion weight w = {weight:.2f}{' (tuned on dev)' if args.tune_fusion else ''}" if weight is not None else ""))
+    print(format_table(results))
+    output = args.output or os.path.join(os.path.dirname(nets[0].path) or ".", f"eval_{split}.json")
+    summary = {"split": split, "data_name": nets[0].data_name, "fusion_weight": weight,
+               "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
+    write_outputs(args, rows, summary, split, labels, output)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Multi-spring balance (MSB) loss, SPEC section 5, vectorised over anchors."""
+from __future__ import annotations
+
+import torch
+
+
+def relevance(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """Boolean (len(a), len(b)): same label for (N,) / (N, 1) labels, any shared label for multi-hot (N, C)."""
+    if labels_a.dim() == 2 and labels_a.size(1) > 1:
+        return (labels_a.float() @ labels_b.float().T) > 0
+    return labels_a.reshape(-1, 1) == labels_b.reshape(1, -1)
+
+
+def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp over the masked entries; rows with no entry give -inf."""
+    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def _mine(sims: torch.Tensor, pos: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positives and negatives of each row (masks), mined on the unmined sets."""
+    with torch.no_grad():
+        hardest_neg = sims.masked_fill(pos, float("-inf")).max(dim=1, keepdim=True).values
+        easiest_pos = sims.masked_fill(~pos, float("inf")).min(dim=1, keepdim=True).values
+    return pos & (sims < hardest_neg + delta), ~pos & (sims > easiest_pos - delta)
+
+
+def msb_loss(sims: torch.Tensor, labels: torch.Tensor, gamma_1: float = 1.0, gamma_2: float = 0.5,
+             delta: float = 0.1) -> torch.Tensor:
+    """MSB loss of a square similarity matrix (rows: first modality) with item labels."""
+    pos = relevance(labels, labels).to(sims.device)
+    keep_pos_r, keep_neg_r = _mine(sims, pos, delta)
+    keep_pos_c, keep_neg_c = _mine(sims.T, pos.T, delta)
+    valid = keep_pos_r.any(1) & keep_neg_r.any(1) & keep_pos_c.any(1) & keep_neg_c.any(1)
+    # Skipped anchors get a full mask so their (unused) log-sum-exp stays finite and grads stay 0.
+    full = ~valid[:, None]
+    total = 0
+    for s, keep_pos, keep_neg in ((sims, keep_pos_r, keep_neg_r), (sims.T, keep_pos_c, keep_neg_c)):
+        pos_term = _masked_logsumexp(gamma_2 - gamma_1 * s, keep_pos | full)
+        neg_term = _masked_logsumexp(gamma_1 * s - gamma_2, keep_neg | full)
+        total = total + torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0).sum()
+    return total / sims.size(0)

@@ -1,0 +1,76 @@
+"""Retrieval metrics over a whole ranked gallery (SPEC section 7): mAP@all, Recall@K, precision@K."""
+from __future__ import annotations
+
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+def relevance(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """Boolean (Q, G): same label, or any shared label for multi-hot (N, C) labels."""
+    if query_labels.ndim == 2 and query_labels.shape[1] > 1:
+        return (query_labels.astype(np.float64) @ gallery_labels.T.astype(np.float64)) > 0
+    return query_labels.reshape(-1, 1) == gallery_labels.reshape(1, -1)
+
+
+def _chunk_sums(sims: np.ndarray, rel: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Per-query AP, hits in top K and relevant count for one chunk of queries."""
+    order = np.argsort(-sims, axis=1, kind="stable")  # ties keep gallery order
+    ranked = np.take_along_axis(rel, order, axis=1)
+    n_rel = ranked.sum(axis=1)
+    precision = np.cumsum(ranked, axis=1) / np.arange(1, ranked.shape[1] + 1)
+    ap = (precision * ranked).sum(axis=1) / np.maximum(n_rel, 1)
+    out = {"ap": ap, "n_rel": n_rel}
+    for k in ks:
+        top = ranked[:, :k]
+        out[f"hit@{k}"] = top.any(axis=1)
+        out[f"prec@{k}"] = top.sum(axis=1) / k
+    return out
+
+
+def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                    ks: tuple[int, ...] = KS, chunk: int = 1000) -> dict[str, float]:
+    """mAP, R@K and P@K (percent) of queries (rows of sims) ranking the gallery (columns).
+
+    Queries with no relevant gallery item are left out of every mean and counted in `no_relevant`.
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    parts = [_chunk_sums(sims[i:i + chunk], relevance(query_labels[i:i + chunk], gallery_labels), ks)
+             for i in range(0, sims.shape[0], chunk)]
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    kept = merged.pop("n_rel") > 0
+    result = {"mAP": 100 * float(merged.pop("ap")[kept].mean()) if kept.any() else 0.0}
+    for key, values in merged.items():
+        name = key.replace("hit@", "R@").replace("prec@", "P@")
+        result[name] = 100 * float(values[kept].mean()) if kept.any() else 0.0
+    result["no_relevant"] = int((~kept).sum())
+    return result
+
+
+def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,
+                      chunk: int = 1000) -> dict[str, dict[str, float]]:
+    """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix."""
+    sims = np.asarray(sims)
+    return {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
+            "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
+
+
+def precision_recall_curve(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                           levels: np.ndarray = np.linspace(0.0, 1.0, 11), chunk: int = 1000) -> np.ndarray:
+    """Interpolated precision (max precision at recall >= level), averaged over queries with a relevant item."""
+    totals, count = np.zeros(len(levels)), 0
+    for i in range(0, sims.shape[0], chunk):
+        rel = relevance(query_labels[i:i + chunk], gallery_labels)
+        ranked = np.take_along_axis(rel, np.argsort(-sims[i:i + chunk], axis=1, kind="stable"), axis=1)
+        ranked = ranked[ranked.any(axis=1)]
+        hits = np.cumsum(ranked, axis=1)
+        precision = hits / np.arange(1, ranked.shape[1] + 1)
+        recall = hits / hits[:, -1:]
+        # Best precision from each rank onwards, then read at the first rank reaching each level.
+        best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+        for j, level in enumerate(levels):
+            first = np.argmax(recall >= level - 1e-12, axis=1)
+            totals[j] += best_after[np.arange(len(first)), first].sum()
+        count += len(ranked)
+    return totals / max(count, 1)

@@ -1,0 +1,34 @@
+"""Global-level subnetwork (SPEC sections 3-4): whole-image features against whole captions."""
+from __future__ import annotations
+
+import torch
+
+from encoders import TwoBranchModel, pool_words
+
+
+class GlobalModel(TwoBranchModel):
+    """FC image encoders and BiGRU caption encoders; similarities are inner products of unit-ish vectors."""
+
+    kind = "global"
+    aux_weights = ("alpha_1", "alpha_2")
+
+    def _caption_vectors(self, encoder, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return pool_words(encoder(captions, lengths), lengths, self.opt["text_pooling"])
+
+    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 of a batch, each (B, B), rows images."""
+        c, b = self.img_cnn(cnn), self.img_bovw(bovw)
+        t_c = self._caption_vectors(self.txt_cnn, captions, lengths)
+        t_b = self._caption_vectors(self.txt_bovw, captions, lengths)
+        return {"P": c @ t_c.T, "A1": b @ t_b.T, "A2": c @ b.T}
+
+    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CNN image vectors (B, d) and CNN-branch caption vectors (B, d) used for retrieval."""
+        return self.img_cnn(cnn), self._caption_vectors(self.txt_cnn, captions, lengths)
+
+    def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
+                           text_lengths: torch.Tensor | None = None, chunk: int = 1000) -> torch.Tensor:
+        """S_P for all image / caption pairs (N_img, N_txt)."""
+        return images @ texts.T

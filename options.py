@@ -1,0 +1,88 @@
+"""Command-line options shared by train_global.py and train_local.py (defaults: the authors' Corel 5K values)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from errors import InputError
+
+SUBNETWORK_DEFAULTS = {
+    "global": dict(data_path="./data/coarse-grained-data", run_dir="./checkpoint/M2HSE/Global/Corel5K",
+                   weights=(("alpha_1", 0.8), ("alpha_2", 0.8))),
+    "local": dict(data_path="./data/fine-grained-data", run_dir="./checkpoint/M2HSE/Local/Corel5K",
+                  weights=(("beta_1", 0.4), ("beta_2", 0.4))),
+}
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    """Argument parser of one subnetwork's training script."""
+    d = SUBNETWORK_DEFAULTS[kind]
+    p = argparse.ArgumentParser(description=f"Train the {kind}-level subnetwork of M2HSE.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", default=d["data_path"], help="folder holding <data_name>/")
+    data.add_argument("--data_name", default="corel5k_precomp")
+    data.add_argument("--vocab_path", default="./vocab", help="folder holding <data_name>_vocab.json")
+    data.add_argument("--cnn_dim", type=int, default=4096, help="width of the CNN features")
+    data.add_argument("--bovw_dim", type=int, default=500, help="width of the BoVW features")
+    data.add_argument("--val_split", default="dev", help="split used to pick the best epoch")
+    data.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--word_dim", type=int, default=300)
+    model.add_argument("--embed_size", type=int, default=1024)
+    model.add_argument("--num_layers", type=int, default=1, help="GRU layers")
+    model.add_argument("--bi_gru", action=argparse.BooleanOptionalAction, default=True,
+                       help="bidirectional GRU, directions averaged")
+    model.add_argument("--text_pooling", choices=("padded_mean", "masked_mean"), default="padded_mean",
+                       help="global caption vector: padded_mean is the released code's batch-dependent mean")
+    model.add_argument("--raw_feature_norm", default="clipped_l2norm",
+                       choices=("clipped_l2norm", "l2norm", "softmax", "no_norm"),
+                       help="attention-score normalisation (local subnetwork)")
+    model.add_argument("--lambda_softmax", type=float, default=9.0, help="attention temperature (local)")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--gamma_1", type=float, default=1.0, help="MSB scale")
+    loss.add_argument("--gamma_2", type=float, default=0.5, help="MSB margin")
+    loss.add_argument("--Delta", type=float, default=0.1, help="MSB mining margin")
+    for name, value in d["weights"]:
+        loss.add_argument(f"--{name}", type=float, default=value, help="weight of an auxiliary MSB term")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--num_epochs", type=int, default=100)
+    train.add_argument("--batch_size", "--batchsize", type=int, default=100)
+    train.add_argument("--learning_rate", type=float, default=2e-4)
+    train.add_argument("--lr_update", "--lr_updata", type=int, default=50, help="epochs between lr / 10")
+    train.add_argument("--grad_clip", type=float, default=2.0, help="gradient-norm clipping")
+    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--resume", default="", help="checkpoint to continue from")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--gpuid", type=int, default=0, help="CUDA device index when on GPU")
+    run.add_argument("--log_step", type=int, default=10, help="batches between loss-log lines")
+    run.add_argument("--logger_name", default=d["run_dir"], help="logs and TensorBoard scalars")
+    run.add_argument("--model_name", default=d["run_dir"], help="checkpoints")
+    return p
+
+
+def parse_options(kind: str, argv: list[str] | None = None) -> dict:
+    """Parsed options of one subnetwork, as a plain dict (what checkpoints store)."""
+    opt = vars(build_parser(kind).parse_args(argv))
+    for name in ("num_epochs", "batch_size", "lr_update", "embed_size", "word_dim", "cnn_dim", "bovw_dim",
+                 "num_layers", "log_step"):
+        if opt[name] < 1:
+            raise InputError(f"--{name} must be at least 1, got {opt[name]}")
+    opt["kind"] = kind
+    return opt
+
+
+def resolve_device(name: str = "auto", gpuid: int = 0) -> torch.device:
+    """auto picks CUDA when present, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda", gpuid)
+    return torch.device("cpu")

@@ -1,0 +1,44 @@
+"""Run logs under --logger_name: performance.log, loss.log and TensorBoard scalars."""
+from __future__ import annotations
+
+import os
+
+from torch.utils.tensorboard import SummaryWriter
+
+from errors import InputError
+
+
+class RunLogger:
+    """Appends one line per evaluation / logged step and mirrors the numbers to TensorBoard."""
+
+    def __init__(self, folder: str):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.performance = open(os.path.join(folder, "performance.log"), "a", encoding="utf-8")
+            self.losses = open(os.path.join(folder, "loss.log"), "a", encoding="utf-8")
+        except OSError as err:
+            raise InputError(f"{folder}: log directory cannot be written ({err.strerror})") from None
+        self.writer = SummaryWriter(folder)
+
+    def metrics(self, epoch: int, result: dict) -> None:
+        i2t, t2i = result["i2t"], result["t2i"]
+        self.performance.write(f"epoch {epoch} i2t_mAP {i2t['mAP']:.4f} t2i_mAP {t2i['mAP']:.4f} "
+                               f"rsum {result['rsum']:.4f}\n")
+        self.performance.flush()
+        for direction in ("i2t", "t2i"):
+            for name, value in result[direction].items():
+                self.writer.add_scalar(f"val/{direction}_{name}", value, epoch)
+        self.writer.add_scalar("val/rsum", result["rsum"], epoch)
+
+    def loss(self, epoch: int, step: int, global_step: int, terms: dict[str, float], lr: float) -> None:
+        values = " ".join(f"{name} {value:.6f}" for name, value in terms.items())
+        self.losses.write(f"epoch {epoch + 1} step {step} {values} lr {lr:.3e}\n")
+        self.losses.flush()
+        for name, value in terms.items():
+            self.writer.add_scalar(f"train/{name}", value, global_step)
+        self.writer.add_scalar("train/lr", lr, global_step)
+
+    def close(self) -> None:
+        self.performance.close()
+        self.losses.close()
+        self.writer.close()

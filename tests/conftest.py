@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny generated dataset in both granularities, with its vocabulary."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from synthetic import generate
+from vocab import build_vocab, save_vocab, vocab_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(cnn_dim=24, bovw_dim=12, categories=4)
+TINY_MODEL_FLAGS = ["--cnn_dim", "24", "--bovw_dim", "12", "--embed_size", "16", "--word_dim", "8",
+                    "--batch_size", "10", "--device", "cpu", "--log_step", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Paths of a 40/20/20-item synthetic dataset (4 categories) and its vocabulary."""
+    root = tmp_path_factory.mktemp("tiny")
+    generate(str(root), "tiny_precomp", {"train": 40, "dev": 20, "test": 20}, seed=3, **TINY)
+    coarse = os.path.join(root, "coarse-grained-data")
+    vocab_dir = os.path.join(root, "vocab")
+    caps = [os.path.join(coarse, "tiny_precomp", f"{s}_caps.txt") for s in ("train", "dev")]
+    save_vocab(build_vocab(caps, threshold=1), vocab_file(vocab_dir, "tiny_precomp"))
+    return {"root": str(root), "coarse": coarse, "fine": os.path.join(root, "fine-grained-data"),
+            "name": "tiny_precomp", "vocab": vocab_dir}
+
+
+def run_script(script: str, *args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, capturing its output."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)

@@ -1,0 +1,202 @@
+"""The one training loop of both subnetworks (SPEC section 6): Adam, step lr, MSB losses, dev selection."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, save_checkpoint
+from data import PrecompDataset, make_loader, shuffled_batches
+from errors import InputError, TrainingError
+from loss import msb_loss
+from models import build_model
+from options import parse_options, resolve_device
+from run_log import RunLogger
+from scoring import validate
+from vocab import load_vocab, vocab_file
+
+LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
+
+
+def learning_rate(opt: dict, epoch: int) -> float:
+    return opt["learning_rate"] * 0.1 ** (epoch // opt["lr_update"])
+
+
+def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Weighted MSB terms of one batch; 'loss' is their sum."""
+    cnn, bovw, captions, lengths, labels, _ = batch
+    sims = model(cnn.to(device), bovw.to(device), captions.to(device), lengths.to(device))
+    labels = labels.to(device)
+    terms = {name: weight * msb_loss(sims[name], labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])
+             for name, weight in model.loss_weights().items()}
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived during training."""
+
+
+@contextmanager
+def interrupts_raise():
+    """Turn SIGINT / SIGTERM into Interrupted so the loop can save before leaving."""
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """State of one training run: model, optimizer, data order, progress, best score."""
+
+    def __init__(self, kind: str, opt: dict):
+        self.kind, self.opt = kind, opt
+        self.device = resolve_device(opt["device"], opt["gpuid"])
+        torch.manual_seed(opt["seed"])
+        self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
+        self.train_set = self._dataset("train")
+        self.val_set = self._dataset(opt["val_split"])
+        if opt["batch_size"] > len(self.train_set):
+            raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
+                             f"({len(self.train_set)} items in {opt['data_path']}/{opt['data_name']})")
+        self.model = build_model(kind, opt, len(self.vocab)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opt["learning_rate"])
+        self.order_rng = torch.Generator().manual_seed(opt["seed"])
+        self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
+        self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
+        if opt["resume"]:
+            self._restore(opt["resume"])
+        self.log = RunLogger(opt["logger_name"])
+        self._check_writable(opt["model_name"])
+
+    def _dataset(self, split: str) -> PrecompDataset:
+        o = self.opt
+        return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"])
+
+    @staticmethod
+    def _check_writable(folder: str) -> None:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, ".write-test"), "w"):
+                pass
+            os.remove(os.path.join(folder, ".write-test"))
+        except OSError as err:
+            raise InputError(f"{folder}: output directory cannot be written ({err.strerror})") from None
+
+    def state(self) -> dict:
+        """Everything a resumed run needs, as a plain dict."""
+        return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
+                "best_rsum": self.best_rsum, "order_rng": self.epoch_rng_state, "torch_rng": torch.get_rng_state()}
+
+    def _restore(self, path: str) -> None:
+        ckpt = load_checkpoint(path, self.kind)
+        if ckpt["vocab"] != self.vocab.word2idx:
+            raise InputError(f"{path}: checkpoint was trained with another vocabulary than "
+                             f"{vocab_file(self.opt['vocab_path'], self.opt['data_name'])}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
+        self.epoch_rng_state = ckpt["order_rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
+
+    def save(self, best: bool = False) -> None:
+        state = self.state()
+        save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+        if best:
+            save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
+
+    def evaluate(self) -> dict:
+        result = validate(self.model, self.val_set, self.opt["batch_size"], self.device)
+        self.log.metrics(self.epoch, result)
+        return result
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the shuffled train split (continuing mid-epoch after a resume)."""
+        self.model.train()
+        self.order_rng.set_state(self.epoch_rng_state)  # the epoch's order is redrawn identically on resume
+        batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
+        loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], batches[self.step:])
+        totals: dict[str, float] = {}
+        count = 0
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}", total=len(batches), initial=self.step,
+                   leave=False, file=sys.stderr, disable=None)  # no bar when stderr is not a terminal
+        for batch in bar:
+            terms = self.train_step(batch)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value
+            self.step, count = self.step + 1, count + 1
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            if self.step % self.opt["log_step"] == 0:
+                self.log.loss(self.epoch, self.step, self.epoch * len(batches) + self.step, terms, self.optimizer.param_groups[0]["lr"])
+        self.epoch_rng_state = self.order_rng.get_state()
+        return {name: value / max(count, 1) for name, value in totals.items()}
+
+    def train_step(self, batch) -> dict[str, float]:
+        terms = batch_loss(self.model, batch, self.opt, self.device)
+        if not torch.isfinite(terms["loss"]):
+            raise TrainingError(f"the loss became {terms['loss'].item()} at epoch {self.epoch + 1}, batch "
+                                f"{self.step + 1}; stopped, the last good checkpoint in {self.opt['model_name']} is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if self.opt["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["grad_clip"])
+        self.optimizer.step()
+        return {name: value.item() for name, value in terms.items()}
+
+    def fit(self) -> float:
+        """Train to num_epochs; returns the best rsum on the validation split."""
+        if self.epoch == 0 and self.step == 0:
+            self.report(None, self.evaluate(), 0.0)
+        with interrupts_raise():
+            try:
+                while self.epoch < self.opt["num_epochs"]:
+                    self.run_epoch()
+            except Interrupted as sig:
+                self.save()
+                path = os.path.join(self.opt["model_name"], LAST)
+                print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
+                      f"resume with the same command plus --resume {path}", file=sys.stderr)
+                sys.exit(130)
+        self.log.close()
+        return self.best_rsum
+
+    def run_epoch(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.opt, self.epoch)
+        start = time.time()
+        losses = self.train_epoch()
+        self.epoch, self.step = self.epoch + 1, 0
+        result = self.evaluate()
+        is_best = result["rsum"] > self.best_rsum
+        self.best_rsum = max(self.best_rsum, result["rsum"])
+        self.save(best=is_best)
+        self.report(losses, result, time.time() - start, is_best)
+
+    def report(self, losses: dict | None, result: dict, seconds: float, is_best: bool = False) -> None:
+        """The one summary line per epoch."""
+        head = f"epoch {self.epoch:3d}/{self.opt['num_epochs']}" if losses else "before training"
+        loss = f"loss {losses['loss']:.4f}  " if losses else ""
+        print(f"{head}  {loss}i2t mAP {result['i2t']['mAP']:6.2f}  t2i mAP {result['t2i']['mAP']:6.2f}  "
+              f"rsum {result['rsum']:6.2f}  lr {self.optimizer.param_groups[0]['lr']:.1e}  {seconds:5.1f}s"
+              f"{'  *best' if is_best else ''}", flush=True)
+
+
+def main(kind: str, argv: list[str] | None = None) -> float:
+    """Entry point of train_global.py / train_local.py."""
+    trainer = Trainer(kind, parse_options(kind, argv))
+    print(f"{kind}-level subnetwork on {trainer.device}: {len(trainer.train_set)} train, "
+          f"{len(trainer.val_set)} {trainer.opt['val_split']} items, vocabulary {len(trainer.vocab)}", flush=True)
+    return trainer.fit()
