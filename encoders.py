@@ -61,7 +61,7 @@ def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_m
     """
     total = words.sum(dim=1)  # padding rows are zero, so this is the true-length sum
     if mode == "padded_mean":
-        return total / words.size(1)
+        return total / lengths.max().to(total)
     if mode == "masked_mean":
         return total / lengths.to(total)[:, None]
     raise ValueError(f"unknown text pooling {mode!r}: use padded_mean or masked_mean")

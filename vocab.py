@@ -64,10 +64,12 @@ def read_captions(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise InputError(f"{path}: caption file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8") as f:  # universal newlines: \n, \r\n and \r end a caption
+            lines = f.read().split("\n")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if lines[-1] == "":  # the final newline ends the last caption, it does not start another
+        lines.pop()
     for number, line in enumerate(lines, 1):
         if not tokenize(line):
             raise InputError(f"{path}: line {number} is an empty caption")

@@ -29,6 +29,13 @@ def tiny_data(tmp_path_factory) -> dict:
             "name": "tiny_precomp", "vocab": vocab_dir}
 
 
+def train_argv(kind: str, tiny_data: dict, run_dir: str, *extra: str) -> list[str]:
+    """Training flags for the tiny dataset, writing logs and checkpoints to run_dir."""
+    data = tiny_data["coarse"] if kind == "global" else tiny_data["fine"]
+    return ["--data_path", data, "--data_name", tiny_data["name"], "--vocab_path", tiny_data["vocab"],
+            "--logger_name", run_dir, "--model_name", run_dir, *TINY_MODEL_FLAGS, *extra]
+
+
 def run_script(script: str, *args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, capturing its output."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,

@@ -7,14 +7,11 @@ import os
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL_FLAGS, run_script
+from tests.conftest import run_script, train_argv
 
 
 def train(kind: str, tiny_data: dict, run_dir: str, *extra: str):
-    data = tiny_data["coarse"] if kind == "global" else tiny_data["fine"]
-    return run_script(f"train_{kind}.py", "--data_path", data, "--data_name", tiny_data["name"],
-                      "--vocab_path", tiny_data["vocab"], "--logger_name", run_dir, "--model_name", run_dir,
-                      *TINY_MODEL_FLAGS, *extra)
+    return run_script(f"train_{kind}.py", *train_argv(kind, tiny_data, run_dir, *extra))
 
 
 @pytest.fixture(scope="module")
