@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,82 @@ def test_missing_vocabulary_is_one_clear_line(tiny_data, tmp_path):
     assert result.returncode == 2
     assert "tiny_precomp_vocab.json: vocabulary file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_data, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("local_run"))
+    result = train("local", tiny_data, run_dir, "--num_epochs", "2", "--lr_updata", "50", "--batchsize", "10",
+                   "--beta_1", ".4", "--beta_2", ".4")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_local_training_writes_a_local_checkpoint(local_run):
+    run_dir, result = local_run
+    assert "local-level subnetwork" in result.stdout and "epoch   2/2" in result.stdout
+    ckpt = torch.load(os.path.join(run_dir, "model_best.pth.tar"), weights_only=True)
+    assert ckpt["kind"] == "local" and ckpt["opt"]["beta_1"] == 0.4
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"img_cnn", "img_bovw", "txt_cnn", "txt_bovw"}
+
+
+def test_fused_evaluation(global_run, local_run, tiny_data, tmp_path):
+    out, plot = tmp_path / "fused.json", tmp_path / "pr.png"
+    result = run_script("evaluate.py", "--global_ckpt", os.path.join(global_run[0], "model_best.pth.tar"),
+                        "--local_ckpt", os.path.join(local_run[0], "model_best.pth.tar"),
+                        "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
+                        "--tune_fusion", "--chunk", "7", "--device", "cpu", "--output", str(out),
+                        "--plot", str(plot), "--save_sims", str(tmp_path / "sims"))
+    assert result.returncode == 0, result.stderr
+    table = json.loads(out.read_text())
+    assert set(table["rows"]) == {"global", "local", "fused"} and 0.0 <= table["fusion_weight"] <= 1.0
+    assert all(line in result.stdout for line in ("global ", "local ", "fused "))
+    sims = {k: np.load(tmp_path / "sims" / f"{k}_test_sims.npy") for k in ("global", "local", "fused")}
+    w = table["fusion_weight"]
+    assert np.allclose(sims["fused"], w * sims["global"] + (1 - w) * sims["local"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fixed_fusion_weight_one_equals_global(global_run, local_run, tiny_data, tmp_path):
+    out = tmp_path / "w1.json"
+    run_script("evaluate.py", "--global_ckpt", os.path.join(global_run[0], "model_best.pth.tar"),
+               "--local_ckpt", os.path.join(local_run[0], "model_best.pth.tar"),
+               "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
+               "--fusion_weight", "1", "--device", "cpu", "--output", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["fused"]["i2t"] == rows["global"]["i2t"] and rows["fused"]["t2i"] == rows["global"]["t2i"]
+
+
+def evaluate_error(*args: str) -> str:
+    result = run_script("evaluate.py", "--device", "cpu", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_evaluate_refuses_wrong_kind(global_run, local_run):
+    err = evaluate_error("--local_ckpt", os.path.join(global_run[0], "model_best.pth.tar"))
+    assert "global-level checkpoint, a local-level one is needed" in err
+    err = evaluate_error("--global_ckpt", os.path.join(local_run[0], "model_best.pth.tar"))
+    assert "local-level checkpoint, a global-level one is needed" in err
+
+
+def test_evaluate_refuses_features_that_do_not_fit(global_run, tiny_data):
+    err = evaluate_error("--global_ckpt", os.path.join(global_run[0], "model_best.pth.tar"),
+                         "--data_path", tiny_data["fine"])
+    assert "test_cnns.npy" in err and "axes" in err
+
+
+def test_evaluate_refuses_mismatched_vocabularies(global_run, local_run, tmp_path):
+    ckpt = torch.load(os.path.join(local_run[0], "model_best.pth.tar"), weights_only=True)
+    first, second = list(ckpt["vocab"])[4:6]  # same size, two words swapped
+    ckpt["vocab"] = {**ckpt["vocab"], first: ckpt["vocab"][second], second: ckpt["vocab"][first]}
+    path = tmp_path / "other_vocab.pth.tar"
+    torch.save(ckpt, path)
+    err = evaluate_error("--global_ckpt", os.path.join(global_run[0], "model_best.pth.tar"), "--local_ckpt", str(path))
+    assert "different vocabularies" in err
+
+
+def test_local_script_refuses_global_features(tiny_data, tmp_path):
+    result = run_script("train_local.py", *train_argv("local", tiny_data, str(tmp_path)),
+                        "--data_path", tiny_data["coarse"])
+    assert result.returncode == 2 and "train_cnns.npy" in result.stderr and "coarse-grained (global)" in result.stderr

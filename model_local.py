@@ -1,0 +1,196 @@
+"""Local (fine-grained) subnetwork: cross-attention similarities of blocks and words (SPEC 3-4).
+
+All pairs of a batch are scored at once, with no loop over items. Raw fragment scores live in a
+context-major layout (n_context, L_context, n_query, L_query), so the norm over the query index is a
+reduction over the last, contiguous axis and the Gram products are one bmm batched over context
+items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl and
+|v_l|^2 = w_l^T G w_l with G = C C^T (SPEC 4). Large galleries are processed in slices of context
+items (SLICE_ELEMENTS) so that the intermediates stay small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from encoders import L2_EPS, TwoBranchModel
+
+ATTENTION_NORMS = ("clipped_l2norm", "l2norm", "softmax", "no_norm")
+COSINE_EPS = 1e-8
+LEAKY_SLOPE = 0.1
+# Elements of one (slice, Lc, nQ, Lq) score tensor: large enough for efficient matmuls, small
+# enough to stay in cache and to reuse freed memory instead of page-faulting fresh memory.
+SLICE_ELEMENTS = 1 << 20
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Boolean (n, max_len), True at the first lengths[i] positions of row i."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] < lengths[:, None]
+
+
+@dataclass
+class Fragments:
+    """Padded fragment sets (n, L, d) with what attention needs of them as query or as context."""
+
+    vectors: torch.Tensor  # trimmed to the longest true length, padding zeroed
+    mask: torch.Tensor  # (n, L) True at true positions
+    gram: torch.Tensor  # (n, L, L) context Gram matrices C C^T
+    sq_norms: torch.Tensor  # (n, L) |Q_l|^2
+
+    @classmethod
+    def of(cls, fragments: torch.Tensor, lengths: torch.Tensor) -> Fragments:
+        """Trim to the longest true length and zero the padding, so padding scores exactly 0."""
+        lengths = lengths.to(fragments.device)
+        mask = length_mask(lengths, int(lengths.max()))
+        vectors = fragments[:, :mask.size(1)] * mask[..., None].to(fragments.dtype)
+        return cls(vectors, mask, torch.bmm(vectors, vectors.transpose(1, 2)), vectors.pow(2).sum(-1))
+
+    def __getitem__(self, items: slice) -> Fragments:
+        return Fragments(self.vectors[items], self.mask[items], self.gram[items], self.sq_norms[items])
+
+    def __len__(self) -> int:
+        return self.vectors.size(0)
+
+
+def _slice_size(context: Fragments, query: Fragments) -> int:
+    """Context items per slice so the (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
+    per_item = context.mask.size(1) * query.mask.numel()
+    return max(1, SLICE_ELEMENTS // per_item)
+
+
+def _raw_scores(context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """a[b, k, a, l] = <context[b, k], query[a, l]>, shape (nC, Lc, nQ, Lq), from one matmul."""
+    n_ctx, ctx_len, dim = context.shape
+    n_query, query_len, _ = query.shape
+    flat = context.reshape(-1, dim) @ query.reshape(-1, dim).T
+    return flat.view(n_ctx, ctx_len, n_query, query_len)
+
+
+def _attention_logits(raw: torch.Tensor, query_mask: torch.Tensor, context_mask: torch.Tensor,
+                      norm: str, lambda_softmax: float) -> torch.Tensor:
+    """lambda * (SPEC 4 step 2 of raw over the true query positions l), -inf at padded context k."""
+    context_bias = torch.zeros(context_mask.shape, dtype=raw.dtype, device=raw.device)
+    context_bias = context_bias.masked_fill(~context_mask, float("-inf"))[:, :, None, None]
+    if norm == "no_norm":
+        return torch.add(context_bias, raw, alpha=lambda_softmax)
+    if norm == "softmax":
+        normed = raw.masked_fill(~query_mask, float("-inf")).softmax(dim=-1)
+        return torch.add(context_bias, normed, alpha=lambda_softmax)
+    if norm not in ("clipped_l2norm", "l2norm"):
+        raise ValueError(f"unknown raw_feature_norm {norm!r}: use one of {ATTENTION_NORMS}")
+    scores = F.leaky_relu(raw, LEAKY_SLOPE) if norm == "clipped_l2norm" else raw
+    # Released-code L2, x / sqrt(sum((x + eps)^2)) over the true l: padded scores are exactly 0 and
+    # get no eps, so they add nothing to the norm.
+    shifted = scores + L2_EPS * query_mask.to(scores.dtype)
+    l2_norms = torch.linalg.vector_norm(shifted, dim=-1, keepdim=True)
+    return torch.addcmul(context_bias, scores, lambda_softmax / l2_norms)
+
+
+def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
+            lambda_softmax: float) -> torch.Tensor:
+    """att(Q = query[a], C = context[b]) for all pairs, as (nC, nQ); raw from _raw_scores."""
+    logits = _attention_logits(raw, query.mask, context.mask, norm, lambda_softmax)
+    weights = logits.softmax(dim=1)  # over the context fragments k
+    query_dot_attended = (weights * raw).sum(dim=1)  # (nC, nQ, Lq)
+    n_ctx, ctx_len, _, _ = weights.shape
+    gram_weights = torch.bmm(context.gram, weights.view(n_ctx, ctx_len, -1)).view_as(weights)
+    attended_sq_norm = (weights * gram_weights).sum(dim=1)
+    # max(|Q||v|, eps) written as sqrt(max(|Q|^2 |v|^2, eps^2)): no sqrt of a bare |v|^2.
+    norm_product = (query.sq_norms * attended_sq_norm).clamp_min(COSINE_EPS ** 2).sqrt()
+    cosines = query_dot_attended / norm_product * query.mask.to(raw.dtype)
+    return cosines.sum(dim=-1) / query.mask.sum(dim=-1).to(raw.dtype)
+
+
+def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
+                    context_lengths: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
+                    lambda_softmax: float = 9.0) -> torch.Tensor:
+    """(nQ, nC) matrix of att(Q = query[a][:len], C = context[b][:len]), SPEC 4.
+
+    query (nQ, Lq, d) and context (nC, Lc, d) are padded; lengths are (n,) integer tensors.
+    """
+    query, context = Fragments.of(query, query_lengths), Fragments.of(context, context_lengths)
+    step = _slice_size(context, query)
+    per_context = [
+        _attend(_raw_scores(context.vectors[b:b + step], query.vectors), context[b:b + step], query,
+                raw_feature_norm, lambda_softmax)
+        for b in range(0, len(context), step)]
+    return torch.cat(per_context).T
+
+
+def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.Tensor,
+                     col_lengths: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
+                     lambda_softmax: float = 9.0) -> torch.Tensor:
+    """(nR, nC) matrix of att(Q = cols[c], C = rows[r]) + att(Q = rows[r], C = cols[c]).
+
+    With rows = image blocks and cols = words this is t2i + i2t; with rows = CNN blocks and
+    cols = BoVW blocks it is S_A2. Both directions share the raw scores of each slice of rows.
+    """
+    rows, cols = Fragments.of(rows, row_lengths), Fragments.of(cols, col_lengths)
+    step = _slice_size(rows, cols)
+    cols_as_query, rows_as_query = [], []
+    for r in range(0, len(rows), step):
+        raw = _raw_scores(rows.vectors[r:r + step], cols.vectors)  # (step, Lr, nC, Lc)
+        cols_as_query.append(_attend(raw, rows[r:r + step], cols, raw_feature_norm, lambda_softmax))
+        # The transposed copy of a slice is much cheaper than a second matmul over d.
+        raw_rows_as_query = raw.permute(2, 3, 0, 1).contiguous()
+        rows_as_query.append(_attend(raw_rows_as_query, cols, rows[r:r + step], raw_feature_norm,
+                                     lambda_softmax))
+    return torch.cat(cols_as_query) + torch.cat(rows_as_query, dim=1).T
+
+
+class LocalModel(TwoBranchModel):
+    """Fine-grained subnetwork: block and word encoders for the CNN and BoVW branches."""
+
+    kind = "local"
+    aux_weights = ("beta_1", "beta_2")
+
+    def __init__(self, opt: dict, vocab_size: int):
+        if opt["raw_feature_norm"] not in ATTENTION_NORMS:
+            raise ValueError(f"unknown raw_feature_norm {opt['raw_feature_norm']!r}: "
+                             f"use one of {ATTENTION_NORMS}")
+        super().__init__(opt, vocab_size)
+        self.raw_feature_norm = opt["raw_feature_norm"]
+        self.lambda_softmax = float(opt["lambda_softmax"])
+
+    def _paired(self, rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.Tensor,
+                col_lengths: torch.Tensor) -> torch.Tensor:
+        return paired_attention(rows, row_lengths, cols, col_lengths, self.raw_feature_norm,
+                                self.lambda_softmax)
+
+    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 (B, B) for block features cnn (B, 9, cnn_dim), bovw (B, 9, bovw_dim)."""
+        cnn_blocks, cnn_words = self.encode_primary(cnn, captions, lengths)
+        bovw_blocks = self.img_bovw(bovw)
+        bovw_words = self.txt_bovw(captions, lengths)
+        block_lengths = _block_lengths(cnn_blocks)
+        return {
+            "P": self._paired(cnn_blocks, block_lengths, cnn_words, lengths),
+            "A1": self._paired(bovw_blocks, block_lengths, bovw_words, lengths),
+            "A2": self._paired(cnn_blocks, block_lengths, bovw_blocks, block_lengths),
+        }
+
+    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CNN block embeddings (B, 9, d) and CNN-branch word vectors (B, L, d)."""
+        return self.img_cnn(cnn), self.txt_cnn(captions, lengths)
+
+    def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
+                           text_lengths: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+        """S_P (N_img, N_txt) from encode_primary outputs, in chunk x chunk blocks of pairs."""
+        image_lengths = _block_lengths(images)
+        text_lengths = text_lengths.to(texts.device)
+        row_blocks = []
+        for r in range(0, images.size(0), chunk):
+            row_blocks.append(torch.cat([
+                self._paired(images[r:r + chunk], image_lengths[r:r + chunk],
+                             texts[c:c + chunk], text_lengths[c:c + chunk])
+                for c in range(0, texts.size(0), chunk)], dim=1))
+        return torch.cat(row_blocks, dim=0)
+
+
+def _block_lengths(blocks: torch.Tensor) -> torch.Tensor:
+    """Every image has all of its blocks: lengths (B,) equal to the block count."""
+    return torch.full((blocks.size(0),), blocks.size(1), dtype=torch.long, device=blocks.device)

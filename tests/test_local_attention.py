@@ -1,0 +1,203 @@
+"""Batched local attention (model_local) against the looped reference (tests/reference_local)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_local
+from loss import msb_loss
+from model_local import ATTENTION_NORMS, LocalModel, cross_attention, paired_attention
+from tests.reference_local import reference_cross_attention, reference_forward
+
+TOL = 1e-6
+CAPTION_LENGTHS = [3, 8, 5, 6, 4]
+N_BLOCKS = 9
+EMBED = 16
+OPT = {"cnn_dim": 12, "bovw_dim": 10, "embed_size": EMBED, "word_dim": 8, "num_layers": 1,
+       "bi_gru": True, "raw_feature_norm": "clipped_l2norm", "lambda_softmax": 9.0,
+       "beta_1": 0.4, "beta_2": 0.4}
+VOCAB = 30
+
+
+def unit_fragments(n: int, length: int, lengths: list[int] | None = None, seed: int = 0,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Random L2-normalised fragments (n, length, EMBED), zero beyond each true length."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, length, EMBED, generator=g, dtype=dtype), dim=-1)
+    if lengths is not None:
+        for i, true_len in enumerate(lengths):
+            x[i, true_len:] = 0
+    return x
+
+
+def words() -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor(CAPTION_LENGTHS)
+    return unit_fragments(len(CAPTION_LENGTHS), max(CAPTION_LENGTHS), CAPTION_LENGTHS, seed=1), lengths
+
+
+def blocks(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return unit_fragments(n, N_BLOCKS, seed=seed), torch.full((n,), N_BLOCKS)
+
+
+DIRECTIONS = {  # name -> (query, context): t2i queries words over blocks, c2b CNN over BoVW, ...
+    "t2i": lambda: (words(), blocks(4, seed=2)),
+    "i2t": lambda: (blocks(4, seed=2), words()),
+    "c2b": lambda: (blocks(4, seed=3), blocks(5, seed=4)),
+    "b2c": lambda: (blocks(5, seed=4), blocks(4, seed=3)),
+}
+
+
+def values_and_grads(fn, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn(*inputs) and the grads of a fixed random projection of it w.r.t. the inputs."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    return out.detach(), list(torch.autograd.grad((out * projection).sum(), inputs))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cross_attention_matches_reference(direction: str, norm: str) -> None:
+    (query, query_lengths), (context, context_lengths) = DIRECTIONS[direction]()
+
+    def run(attend):
+        return values_and_grads(
+            lambda q, c: attend(q, query_lengths, c, context_lengths, norm, 9.0), [query, context])
+
+    fast, fast_grads = run(cross_attention)
+    slow, slow_grads = run(reference_cross_attention)
+    assert_close(fast, slow)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+        assert_close(fast_grad, slow_grad)
+
+
+@pytest.mark.parametrize("slice_elements", [1, 800, 1100])  # 1, 2 and 3 images a slice
+def test_slicing_does_not_change_values_or_grads(slice_elements: int, monkeypatch) -> None:
+    (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
+
+    def both_attentions(w: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cross_attention(w, word_lengths, i, image_lengths),
+                          paired_attention(i, image_lengths, w, word_lengths).T])
+
+    whole, whole_grads = values_and_grads(both_attentions, [words_, images])
+    monkeypatch.setattr(model_local, "SLICE_ELEMENTS", slice_elements)
+    sliced, sliced_grads = values_and_grads(both_attentions, [words_, images])
+    assert_close(sliced, whole, 1e-12)
+    for sliced_grad, whole_grad in zip(sliced_grads, whole_grads):
+        assert_close(sliced_grad, whole_grad, 1e-12)
+
+
+def model_batch(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """cnn, bovw, captions (with padding ids) and lengths for the CAPTION_LENGTHS batch."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(CAPTION_LENGTHS)
+    cnn = torch.rand(n, N_BLOCKS, OPT["cnn_dim"], generator=g, dtype=dtype)
+    bovw = torch.rand(n, N_BLOCKS, OPT["bovw_dim"], generator=g, dtype=dtype)
+    captions = torch.randint(4, VOCAB, (n, max(CAPTION_LENGTHS)), generator=g)
+    lengths = torch.tensor(CAPTION_LENGTHS)
+    captions[torch.arange(captions.size(1))[None, :] >= lengths[:, None]] = 0
+    return cnn, bovw, captions, lengths
+
+
+def make_model(norm: str = "clipped_l2norm", dtype: torch.dtype = torch.float64) -> LocalModel:
+    torch.manual_seed(0)
+    return LocalModel({**OPT, "raw_feature_norm": norm}, VOCAB).to(dtype)
+
+
+def projected_param_grads(sims: torch.Tensor, params: list[torch.Tensor]) -> tuple:
+    """Grads w.r.t. params of a fixed random projection of sims; the graph is kept for reuse."""
+    projection = torch.randn(sims.shape, generator=torch.Generator().manual_seed(8), dtype=sims.dtype)
+    return torch.autograd.grad((sims * projection).sum(), params, retain_graph=True, allow_unused=True)
+
+
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+def test_forward_matches_reference(norm: str) -> None:
+    model = make_model(norm)
+    batch = model_batch()
+    fast, slow = model(*batch), reference_forward(model, *batch)
+    params = list(model.parameters())
+    for key in ("P", "A1", "A2"):
+        assert_close(fast[key], slow[key])
+        for fast_grad, slow_grad in zip(projected_param_grads(fast[key], params),
+                                        projected_param_grads(slow[key], params)):
+            assert (fast_grad is None) == (slow_grad is None)
+            if fast_grad is not None:
+                assert_close(fast_grad, slow_grad)
+
+
+def with_garbage_padding(x: torch.Tensor, lengths: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """x with extra positions appended and random values everywhere beyond the true lengths."""
+    padded = torch.cat([x, torch.zeros_like(x[:, :extra])], dim=1)
+    g = torch.Generator().manual_seed(9)
+    for i, true_len in enumerate(lengths.tolist()):
+        padded[i, true_len:] = 5 * torch.randn(padded.size(1) - true_len, x.size(2), generator=g,
+                                               dtype=x.dtype)
+    return padded
+
+
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_padding_does_not_change_scores(direction: str, norm: str) -> None:
+    (query, query_lengths), (context, context_lengths) = DIRECTIONS[direction]()
+    expected = cross_attention(query, query_lengths, context, context_lengths, norm)
+    padded = cross_attention(with_garbage_padding(query, query_lengths), query_lengths,
+                             with_garbage_padding(context, context_lengths), context_lengths, norm)
+    assert_close(padded, expected, 1e-12)
+
+
+def primary_embeddings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """7 images and 11 captions of mixed lengths, as block and word embeddings."""
+    lengths = torch.tensor([3, 8, 5, 6, 4, 3, 7, 8, 5, 4, 6])
+    return (unit_fragments(7, N_BLOCKS, seed=6), unit_fragments(len(lengths), 10, lengths.tolist(), seed=7),
+            lengths)
+
+
+def test_primary_similarity_matches_reference() -> None:
+    images, texts, lengths = primary_embeddings()
+    image_lengths = torch.full((len(images),), N_BLOCKS)
+    expected = (reference_cross_attention(texts, lengths, images, image_lengths).T
+                + reference_cross_attention(images, image_lengths, texts, lengths))
+    assert_close(make_model().primary_similarity(images, texts, lengths), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 6, 1000])
+def test_chunked_primary_similarity_equals_unchunked(chunk: int) -> None:
+    model = make_model()
+    images, texts, lengths = primary_embeddings()
+    whole = model.primary_similarity(images, texts, lengths, chunk=100_000)
+    assert_close(model.primary_similarity(images, texts, lengths, chunk=chunk), whole, 1e-12)
+
+
+def test_float32_forward_agrees_with_float64() -> None:
+    batch64 = model_batch()
+    batch32 = [x.float() if x.is_floating_point() else x for x in batch64]
+    out64 = make_model()(*batch64)
+    out32 = make_model(dtype=torch.float32)(*batch32)
+    for key in ("P", "A1", "A2"):
+        assert out32[key].dtype == torch.float32
+        assert_close(out32[key].double(), out64[key], 1e-4)
+
+
+def test_msb_loss_backpropagates_into_all_encoders() -> None:
+    model = make_model(dtype=torch.float32)
+    cnn, bovw, captions, lengths = model_batch(dtype=torch.float32)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    sims = model(cnn, bovw, captions, lengths)
+    weights = model.loss_weights()
+    assert weights == {"P": 1.0, "A1": 0.4, "A2": 0.4}
+    loss = sum(weights[key] * msb_loss(sims[key], labels) for key in sims)
+    loss.backward()
+    for name in ("img_cnn", "img_bovw", "txt_cnn", "txt_bovw"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_unknown_norm_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        LocalModel({**OPT, "raw_feature_norm": "l1"}, VOCAB)
