@@ -1,0 +1,393 @@
+"""Turn raw images, texts and labels into the precomp folders that the training scripts read.
+
+    python prepare_data.py --corel Corel5K.7z     # -> ./data/{coarse,fine}-grained-data/corel5k_precomp/
+    python prepare_data.py --manifest mydata/manifest.csv --data_name mydata_precomp
+
+Writes, for each split present (train, dev, test), {split}_cnns.npy ((N, 4096) coarse, (N, 9, 4096) fine),
+{split}_bovws.npy ((N, K) / (N, 9, K)), {split}_caps.txt and {split}_labels.npy, plus codebook.npy and
+summary.json. Work is cached in chunks of images, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import sklearn
+import torch
+from numpy.lib.format import open_memmap
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import features
+from errors import InputError, report_errors
+from options import resolve_device
+from prepare_inputs import SPLITS, Collection, Item, label_mapping, read_corel, read_manifest
+
+Arrays = dict[str, np.ndarray]
+Progress = Callable[[int], None]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Extract M2HSE features (AlexNet fc7 and dense-SIFT BoVW, whole "
+                                            "image and 3x3 grid) from raw images into the precomp layout.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="CSV/TSV with header image,caption,label,split (paths relative to it)")
+    source.add_argument("--corel", help="Corel 5K folder or its .7z archive")
+    p.add_argument("--word_list", help="Corel keyword vocabulary, one word a line (default: the dictionary file)")
+    p.add_argument("--out_path", default="./data", help="writes <out>/coarse-grained-data and fine-grained-data")
+    p.add_argument("--data_name", help="dataset folder name (default corel5k_precomp, or <manifest>_precomp)")
+    p.add_argument("--cnn_weights", default="imagenet",
+                   help="imagenet (official file, downloaded once), random (seeded, for tests) or a .pth file")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch_size", type=_positive, default=16, help="images per CNN batch (10 views each)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes decoding images and computing SIFT")
+    p.add_argument("--sift_step", type=_positive, default=8, help="pixels between dense SIFT keypoints")
+    p.add_argument("--sift_size", type=_positive, default=16,
+                   help="side in pixels of the patch each dense SIFT descriptor describes")
+    p.add_argument("--codebook_size", type=_positive, default=500, help="visual words (BoVW width)")
+    p.add_argument("--codebook_samples", type=_positive, default=100_000,
+                   help="training descriptors sampled for k-means")
+    p.add_argument("--seed", type=int, default=0, help="seeds descriptor sampling, k-means and random weights")
+    p.add_argument("--chunk_size", type=_positive, default=128, help="images per resumable cache part")
+    p.add_argument("--cache_dir", help="resume cache (default <out_path>/.cache)")
+    p.add_argument("--keep_cache", action="store_true", help="keep the cache after a successful run")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="skip (and report) missing or unreadable images instead of stopping")
+    args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.data_name is None:
+        args.data_name = "corel5k_precomp" if args.corel else f"{Path(args.manifest).stem}_precomp"
+    if args.cache_dir is None:
+        args.cache_dir = str(Path(args.out_path) / ".cache")
+    return args
+
+
+# ---------------------------------------------------------------- resumable chunked cache
+
+def digest(value: object) -> str:
+    """Short stable hash of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_save(path: Path, write: Callable[[object], None]) -> None:
+    """Write a file through a temporary name, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+class StageCache:
+    """One stage's per-image results for one split, stored as parts of `chunk_size` consecutive images.
+
+    The folder name carries a hash of everything the results depend on, so changed inputs or
+    parameters never reuse stale parts.
+    """
+
+    def __init__(self, root: Path, stage: str, key: dict, n_items: int, chunk_size: int):
+        self.folder = root / f"{stage}-{digest([key, n_items, chunk_size])}"
+        self.chunks = [range(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
+        self.n_items = n_items
+
+    def part(self, chunk: range) -> Path:
+        return self.folder / f"part-{chunk.start:08d}.npz"
+
+    def missing(self) -> list[range]:
+        return [c for c in self.chunks if not self.part(c).is_file()]
+
+    def save(self, chunk: range, arrays: Arrays) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.part(chunk), lambda f: np.savez(f, **arrays))
+
+    def load(self, chunk: range) -> Arrays:
+        with np.load(self.part(chunk)) as part:
+            return dict(part)
+
+    def fill(self, compute: Callable[[range, Progress], Arrays], desc: str) -> None:
+        """Compute every chunk not cached yet, with a progress bar that counts the cached ones as done."""
+        todo = self.missing()
+        done = self.n_items - sum(len(c) for c in todo)
+        with tqdm(total=self.n_items, initial=done, desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for chunk in todo:
+                self.save(chunk, compute(chunk, bar.update))
+
+
+# ---------------------------------------------------------------- per-image work
+
+class ImageJob(Dataset):
+    """fn(image, index) for each listed image, so a DataLoader can spread decoding over workers."""
+
+    def __init__(self, paths: list[Path], indices: range, fn: Callable):
+        self.paths, self.indices, self.fn = paths, indices, fn
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        index = self.indices[k]
+        return self.fn(features.load_rgb(self.paths[index]), index)
+
+
+def _as_is(item):
+    """DataLoader collate that keeps one item's numpy arrays as they are."""
+    return item
+
+
+def cnn_item(image, index: int) -> np.ndarray:
+    return features.cnn_views(image)
+
+
+def cnn_chunk(paths: list[Path], model: features.AlexNet, device: torch.device, batch_size: int, workers: int,
+              chunk: range, progress: Progress) -> Arrays:
+    """fc7 of the whole image and of its 9 blocks: {'cnn': (n, 10, 4096)}."""
+    job = ImageJob(paths, chunk, cnn_item)
+    out = []
+    for views in DataLoader(job, batch_size=batch_size, num_workers=workers, collate_fn=np.stack):
+        fc7 = features.fc7_features(model, views.reshape(-1, *views.shape[2:]), device)
+        out.append(fc7.reshape(len(views), features.N_VIEWS, features.CNN_DIM))
+        progress(len(views))
+    return {"cnn": np.concatenate(out)}
+
+
+def _map_images(paths: list[Path], chunk: range, fn: Callable, workers: int, progress: Progress) -> list:
+    results = []
+    for result in DataLoader(ImageJob(paths, chunk, fn), batch_size=None, num_workers=workers, collate_fn=_as_is):
+        results.append(result)
+        progress(1)
+    return results
+
+
+def sample_descriptors(image, index: int, step: int, size: int, per_image: int, seed: int) -> tuple:
+    """Up to per_image dense SIFT descriptors of one image, chosen by an RNG seeded with (seed, index)."""
+    _, descriptors = features.dense_sift(image, step, size)
+    take = min(per_image, len(descriptors))
+    chosen = np.sort(np.random.default_rng([seed, index]).choice(len(descriptors), take, replace=False))
+    padded = np.zeros((per_image, features.SIFT_DIM), np.float32)
+    padded[:take] = descriptors[chosen]
+    return padded, take
+
+
+def bovw_image(image, index: int, codebook: np.ndarray, step: int, size: int) -> np.ndarray:
+    return features.image_bovw(image, codebook, step, size)
+
+
+# ---------------------------------------------------------------- stages
+
+def codebook_for(paths: list[Path], args: argparse.Namespace, cache_root: Path) -> tuple[np.ndarray, int]:
+    """k-means codebook on a seeded sample of TRAINING descriptors; returns it and the sample size."""
+    key = {"images": [str(p) for p in paths], "step": args.sift_step, "size": args.sift_size,
+           "samples": args.codebook_samples, "seed": args.seed}
+    per_image = math.ceil(args.codebook_samples / len(paths))
+    stage = StageCache(cache_root / "train", "codebook_sample", key, len(paths), args.chunk_size)
+
+    def compute(chunk: range, progress: Progress) -> Arrays:
+        fn = partial(sample_descriptors, step=args.sift_step, size=args.sift_size, per_image=per_image,
+                     seed=args.seed)
+        results = _map_images(paths, chunk, fn, args.workers, progress)
+        return {"desc": np.stack([r[0] for r in results]), "count": np.array([r[1] for r in results])}
+
+    stage.fill(compute, "SIFT sample  train")
+    parts = [stage.load(c) for c in stage.chunks]
+    sample = np.concatenate([d[:n] for p in parts for d, n in zip(p["desc"], p["count"])])
+    if len(sample) > args.codebook_samples:
+        keep = np.random.default_rng(args.seed).choice(len(sample), args.codebook_samples, replace=False)
+        sample = sample[np.sort(keep)]
+    print(f"k-means: {args.codebook_size} words from {len(sample)} training descriptors")
+    try:
+        return features.fit_codebook(sample, args.codebook_size, args.seed), len(sample)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def bovw_stage(paths: list[Path], split: str, codebook: np.ndarray, args: argparse.Namespace,
+               cache_root: Path) -> StageCache:
+    """Cached (10, K) histograms of every image of a split."""
+    key = {"images": [str(p) for p in paths], "codebook": hashlib.sha256(codebook.tobytes()).hexdigest(),
+           "step": args.sift_step, "size": args.sift_size}
+    stage = StageCache(cache_root / split, "bovw", key, len(paths), args.chunk_size)
+    fn = partial(bovw_image, codebook=codebook, step=args.sift_step, size=args.sift_size)
+    stage.fill(lambda chunk, progress: {"bovw": np.stack(_map_images(paths, chunk, fn, args.workers, progress))},
+               f"BoVW {split:>5}")
+    return stage
+
+
+def file_identity(path: str | Path) -> str:
+    """A file as path, size and modification time: enough to notice it was replaced."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def weights_identity(weights: str, seed: int) -> str:
+    """What the CNN features depend on: the weight source."""
+    if weights == "random":
+        return f"random(seed={seed})"
+    return features.ALEXNET_URL if weights == "imagenet" else file_identity(weights)
+
+
+def cnn_stage(paths: list[Path], split: str, model: features.AlexNet, device: torch.device,
+              args: argparse.Namespace, cache_root: Path) -> StageCache:
+    """Cached (10, 4096) fc7 features of every image of a split."""
+    key = {"images": [str(p) for p in paths], "weights": weights_identity(args.cnn_weights, args.seed)}
+    stage = StageCache(cache_root / split, "cnn", key, len(paths), args.chunk_size)
+    stage.fill(partial(cnn_chunk, paths, model, device, args.batch_size, args.workers), f"CNN  {split:>5}")
+    return stage
+
+
+# ---------------------------------------------------------------- inputs, outputs, summary
+
+def read_inputs(args: argparse.Namespace, cache_root: Path) -> Collection:
+    if args.manifest:
+        if args.word_list:
+            raise InputError("--word_list applies to --corel only")
+        return read_manifest(args.manifest)
+    archive = Path(args.corel)
+    unpack_to = cache_root / f"archive-{digest(file_identity(archive)) if archive.is_file() else ''}"
+    return read_corel(archive, unpack_to, args.word_list)
+
+
+def screen_images(items: list[Item], skip_bad: bool) -> tuple[list[Item], list[dict]]:
+    """Decode every image once before any heavy work; stop on bad ones unless they are to be skipped."""
+    bad = [(item, problem) for item in tqdm(items, desc="check images", unit="img", dynamic_ncols=True)
+           if (problem := features.image_problem(item.image))]
+    if bad and not skip_bad:
+        listing = "\n".join(f"  {item.image}: {problem}" for item, problem in bad)
+        raise InputError(f"{len(bad)} unusable image(s); fix or remove them, or pass --skip_bad_images:\n{listing}")
+    for item, problem in bad:
+        print(f"skipped {item.image}: {problem}")
+    bad_items = {id(item) for item, _ in bad}
+    dropped = [{"split": item.split, "image": str(item.image), "reason": problem} for item, problem in bad]
+    return [item for item in items if id(item) not in bad_items], dropped
+
+
+def write_views(stage: StageCache, name: str, coarse: Path, fine: Path) -> None:
+    """Assemble cached (n, 10, D) parts into the coarse (n, D) and fine (n, 9, D) float32 files."""
+    dim = stage.load(stage.chunks[0])[name].shape[-1]
+    outputs = {coarse: (stage.n_items, dim), fine: (stage.n_items, features.N_BLOCKS, dim)}
+    arrays = {path: open_memmap(path.with_name(path.name + ".partial"), "w+", np.float32, shape)
+              for path, shape in outputs.items()}
+    for chunk in stage.chunks:
+        views = stage.load(chunk)[name]
+        arrays[coarse][chunk.start:chunk.stop] = views[:, 0]
+        arrays[fine][chunk.start:chunk.stop] = views[:, 1:]
+    for array in arrays.values():
+        array.flush()
+    arrays.clear()  # close the memory maps before the files are renamed
+    for path in outputs:
+        os.replace(path.with_name(path.name + ".partial"), path)
+
+
+def remove_stale_splits(folders: dict[str, Path], present: dict) -> None:
+    """Delete a previous run's files of splits this input lacks, so no reader mixes them with the new ones."""
+    stale = [f / f"{s}_{kind}" for f in folders.values() for s in SPLITS if s not in present
+             for kind in ("caps.txt", "cnns.npy", "bovws.npy", "labels.npy")]
+    for path in (p for p in stale if p.exists()):
+        print(f"removed {path}: left by an earlier run, its split is not in this input")
+        path.unlink()
+
+
+def write_split(split: str, items: list[Item], labels: dict[str, int], stages: dict[str, StageCache],
+                folders: dict[str, Path]) -> None:
+    """All files of one split in both granularities."""
+    captions = "".join(item.caption + "\n" for item in items).encode("utf-8")
+    label_ids = np.array([labels[item.label] for item in items], dtype=np.int64)
+    for folder in folders.values():
+        atomic_save(folder / f"{split}_caps.txt", lambda f: f.write(captions))
+        atomic_save(folder / f"{split}_labels.npy", lambda f: np.save(f, label_ids))
+    for kind, name in (("cnns", "cnn"), ("bovws", "bovw")):
+        write_views(stages[name], name, folders["coarse"] / f"{split}_{kind}.npy",
+                    folders["fine"] / f"{split}_{kind}.npy")
+
+
+def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, list[Item]],
+            labels: dict[str, int], dropped: list[dict], n_descriptors: int) -> dict:
+    """Everything needed to know how the features were made."""
+    return {
+        "data_name": args.data_name,
+        "source": collection.details,
+        "splits": {s: {"items": len(v), "labels": len({i.label for i in v})} for s, v in splits.items()},
+        "dims": {"cnn": features.CNN_DIM, "bovw": args.codebook_size, "grid": f"{features.GRID}x{features.GRID}",
+                 "coarse": "(N, D)", "fine": f"(N, {features.N_BLOCKS}, D), blocks row-major from the top left"},
+        "cnn": {"weights": args.cnn_weights, "model": "AlexNet (torchvision layout)",
+                "layer": "fc7: second 4096-d fully connected layer after its ReLU, eval mode",
+                "input": f"whole image and each block resized to {features.CNN_SIZE}x{features.CNN_SIZE} "
+                         "(PIL bilinear), RGB, ImageNet mean/std"},
+        "bovw": {"descriptor": "OpenCV SIFT on a dense keypoint grid of the grey image",
+                 "sift_step": args.sift_step, "sift_size": args.sift_size,
+                 "codebook": f"MiniBatchKMeans, seed {args.seed}, on {n_descriptors} descriptors of the train split",
+                 "assignment": "hard (nearest centre)",
+                 "normalisation": "L1; an image or block with no descriptor gets an all-zero histogram"},
+        "label_mapping": labels,
+        "dropped": dropped,
+        "parameters": vars(args),
+        "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__,
+                     "numpy": np.__version__},
+    }
+
+
+def build_model(args: argparse.Namespace) -> tuple[features.AlexNet, torch.device]:
+    device = resolve_device(args.device)
+    try:
+        model = features.build_alexnet(args.cnn_weights, args.seed)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return model.to(device), device
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cache_root = Path(args.cache_dir) / args.data_name
+    collection = read_inputs(args, cache_root)
+    for entry in collection.dropped:
+        print(f"dropped {entry['split']} {entry['image']}: {entry['reason']}")
+    items, bad = screen_images(collection.items, args.skip_bad_images)
+    splits = {s: [i for i in items if i.split == s] for s in SPLITS if any(i.split == s for i in items)}
+    if "train" not in splits:
+        raise InputError("no usable train items: the BoVW codebook is fitted on the train split")
+    labels = label_mapping([i.label for i in items])
+    model, device = build_model(args)
+    paths = {s: [i.image for i in v] for s, v in splits.items()}
+
+    codebook, n_descriptors = codebook_for(paths["train"], args, cache_root)
+    stages = {s: {"bovw": bovw_stage(p, s, codebook, args, cache_root)} for s, p in paths.items()}
+    for s, p in paths.items():
+        stages[s]["cnn"] = cnn_stage(p, s, model, device, args, cache_root)
+
+    folders = {g: Path(args.out_path) / f"{g}-grained-data" / args.data_name for g in ("coarse", "fine")}
+    info = summary(args, collection, splits, labels, collection.dropped + bad, n_descriptors)
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_splits(folders, splits)
+    for s, v in splits.items():
+        write_split(s, v, labels, stages[s], folders)
+    for folder in folders.values():  # written last: a summary means the folder is complete
+        atomic_save(folder / "codebook.npy", lambda f: np.save(f, codebook))
+        atomic_save(folder / "summary.json", lambda f: f.write(json.dumps(info, indent=2).encode("utf-8")))
+    if not args.keep_cache:
+        shutil.rmtree(cache_root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # leave a shared or non-empty cache folder alone
+            Path(args.cache_dir).rmdir()
+    counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+    print(f"wrote {counts} items, {len(labels)} labels -> {folders['coarse']} and {folders['fine']}")
+
+
+if __name__ == "__main__":
+    main()
