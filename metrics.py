@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 KS = (1, 5, 10)
 
@@ -13,18 +14,26 @@ def relevance(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarra
     return query_labels.reshape(-1, 1) == gallery_labels.reshape(1, -1)
 
 
+def _ranked_relevance(sims: np.ndarray, rel: np.ndarray) -> torch.Tensor:
+    """Relevance of each query's gallery in ranked order: similarity descending, ties in gallery order."""
+    order = torch.sort(torch.from_numpy(sims), dim=1, descending=True, stable=True).indices  # multithreaded
+    return torch.gather(torch.from_numpy(rel), 1, order)
+
+
 def _chunk_sums(sims: np.ndarray, rel: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Per-query AP, hits in top K and relevant count for one chunk of queries."""
-    order = np.argsort(-sims, axis=1, kind="stable")  # ties keep gallery order
-    ranked = np.take_along_axis(rel, order, axis=1)
-    n_rel = ranked.sum(axis=1)
-    precision = np.cumsum(ranked, axis=1) / np.arange(1, ranked.shape[1] + 1)
-    ap = (precision * ranked).sum(axis=1) / np.maximum(n_rel, 1)
-    out = {"ap": ap, "n_rel": n_rel}
+    ranked = _ranked_relevance(sims, rel)
+    rows, cols = ranked.nonzero(as_tuple=True)  # relevant items, row-major: ranks ascending per query
+    n_rel = torch.bincount(rows, minlength=ranked.shape[0])
+    first = torch.cumsum(n_rel, 0) - n_rel
+    hits_so_far = torch.arange(1, len(rows) + 1) - first[rows]
+    precision_at_hits = hits_so_far.double() / (cols + 1).double()
+    ap = torch.zeros(ranked.shape[0], dtype=torch.float64).index_add_(0, rows, precision_at_hits)
+    out = {"ap": (ap / n_rel.clamp_min(1)).numpy(), "n_rel": n_rel.numpy()}
     for k in ks:
-        top = ranked[:, :k]
-        out[f"hit@{k}"] = top.any(axis=1)
-        out[f"prec@{k}"] = top.sum(axis=1) / k
+        in_top = ranked[:, :k].sum(dim=1)
+        out[f"hit@{k}"] = (in_top > 0).numpy()
+        out[f"prec@{k}"] = (in_top.double() / k).numpy()
     return out
 
 
@@ -61,8 +70,7 @@ def precision_recall_curve(sims: np.ndarray, query_labels: np.ndarray, gallery_l
     """Interpolated precision (max precision at recall >= level), averaged over queries with a relevant item."""
     totals, count = np.zeros(len(levels)), 0
     for i in range(0, sims.shape[0], chunk):
-        rel = relevance(query_labels[i:i + chunk], gallery_labels)
-        ranked = np.take_along_axis(rel, np.argsort(-sims[i:i + chunk], axis=1, kind="stable"), axis=1)
+        ranked = _ranked_relevance(sims[i:i + chunk], relevance(query_labels[i:i + chunk], gallery_labels)).numpy()
         ranked = ranked[ranked.any(axis=1)]
         hits = np.cumsum(ranked, axis=1)
         precision = hits / np.arange(1, ranked.shape[1] + 1)

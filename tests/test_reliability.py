@@ -76,35 +76,24 @@ def test_same_seed_same_losses_and_metrics(tiny_data, tmp_path):
     assert logs[0] == logs[1] and logs[0][0].count("\n") >= 8
 
 
-def test_sigint_saves_a_resumable_checkpoint(tiny_data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_resumable_checkpoint(tiny_data, tmp_path, signum):
     argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1000")
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "train_global.py"), *argv], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not os.path.exists(tmp_path / "checkpoint.pth.tar") and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "SIGINT received" in err and "--resume" in err and "Traceback" not in err
+    assert f"{signum.name} received" in err and "--resume" in err and "Traceback" not in err
     ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"), "global")
     assert ckpt["epoch"] >= 1
     resumed = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path),
                                                         "--num_epochs", str(ckpt["epoch"] + 1),
                                                         "--resume", str(tmp_path / "checkpoint.pth.tar")))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
-
-
-def test_sigterm_also_saves(tiny_data, tmp_path):
-    argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1000")
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train_global.py"), *argv], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not os.path.exists(tmp_path / "checkpoint.pth.tar") and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "SIGTERM received" in err
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
