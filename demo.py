@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_path", default="./data")
     p.add_argument("--vocab_path", default="./vocab")
     p.add_argument("--run_dir", default="./checkpoint/demo")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--sizes", default="1000,250,250", help="train,dev,test items")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p.parse_args(argv)

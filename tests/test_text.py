@@ -29,7 +29,7 @@ CAPTIONS = [
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
-def test_tokenize_equals_nltk_word_tokenize(caption):
+def test_tokenize_equals_nltk_preserve_line(caption):
     expected = word_tokenize(caption.lower(), preserve_line=True)
     assert tokenize(caption) == expected
 
