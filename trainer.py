@@ -140,7 +140,8 @@ class Trainer:
             self.step, count = self.step + 1, count + 1
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
             if self.step % self.opt["log_step"] == 0:
-                self.log.loss(self.epoch, self.step, self.epoch * len(batches) + self.step, terms, self.optimizer.param_groups[0]["lr"])
+                global_step = self.epoch * len(batches) + self.step
+                self.log.loss(self.epoch, self.step, global_step, terms, self.optimizer.param_groups[0]["lr"])
         self.epoch_rng_state = self.order_rng.get_state()
         return {name: value / max(count, 1) for name, value in totals.items()}
 
