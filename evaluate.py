@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"split: {split} ({len(labels)} items, {nets[0].data_name})"
           + (f", fusion weight w = {weight:.2f}{' (tuned on dev)' if args.tune_fusion else ''}" if weight is not None else ""))
     print(format_table(results))
+    for name, m in results.items():
+        for direction in ("i2t", "t2i"):
+            if m[direction]["no_relevant"]:
+                print(f"notice: {name} {direction}: {m[direction]['no_relevant']} queries have no relevant item "
+                      "and are left out of the means")
     output = args.output or os.path.join(os.path.dirname(nets[0].path) or ".", f"eval_{split}.json")
     summary = {"split": split, "data_name": nets[0].data_name, "fusion_weight": weight,
                "checkpoints": {net.kind: net.path for net in nets}, "rows": results}

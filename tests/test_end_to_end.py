@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 
 import numpy as np
@@ -159,3 +160,18 @@ def test_local_script_refuses_global_features(tiny_data, tmp_path):
     result = run_script("train_local.py", *train_argv("local", tiny_data, str(tmp_path)),
                         "--data_path", tiny_data["coarse"])
     assert result.returncode == 2 and "train_cnns.npy" in result.stderr and "coarse-grained (global)" in result.stderr
+
+
+def test_multi_hot_labels_and_queries_without_relevant_items(global_run, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_data["coarse"], tiny_data["name"]), data / tiny_data["name"])
+    labels = np.load(data / tiny_data["name"] / "test_labels.npy")
+    multi_hot = np.eye(labels.max() + 1, dtype=np.int64)[labels]
+    multi_hot[0] = 0  # an item with no label has no relevant item
+    np.save(data / tiny_data["name"] / "test_labels.npy", multi_hot)
+    out = tmp_path / "e.json"
+    result = run_script("evaluate.py", "--global_ckpt", os.path.join(global_run[0], "model_best.pth.tar"),
+                        "--data_path", str(data), "--device", "cpu", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "notice: global i2t: 1 queries have no relevant item" in result.stdout
+    assert json.loads(out.read_text())["rows"]["global"]["t2i"]["no_relevant"] == 1
