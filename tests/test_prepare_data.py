@@ -410,8 +410,6 @@ def test_corel_folder_without_lists_says_what_was_expected(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the training scripts read the output
 
-@pytest.mark.skipif(not all((ROOT / s).is_file() for s in ("vocab.py", "train_global.py", "train_local.py")),
-                    reason="vocab.py / train_global.py / train_local.py not in the tree yet")
 def test_training_scripts_run_one_epoch_on_the_output(toy, tmp_path):
     out, vocab = toy["out"], str(tmp_path / "vocab")
 
