@@ -26,7 +26,6 @@ from prepare_inputs import label_mapping, read_corel, read_manifest
 from tests._images import draw_image, make_collection, write_manifest
 from tests.conftest import run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "toy_precomp"
 SMALL = ["--cnn_weights", "random", "--codebook_size", "8", "--sift_step", "4", "--sift_size", "8",
          "--chunk_size", "2", "--batch_size", "2", "--device", "cpu", "--seed", "3"]
