@@ -22,9 +22,9 @@ def has_split(data_path: str, data_name: str, split: str) -> bool:
     return os.path.isfile(split_file(os.path.join(data_path, data_name), split, "caps"))
 
 
-def _load_array(path: str) -> np.ndarray:
+def _load_array(path: str, hint: str = "") -> np.ndarray:
     if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found{hint}")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
@@ -33,7 +33,7 @@ def _load_array(path: str) -> np.ndarray:
 
 def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Tensor:
     """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite."""
-    array = _load_array(path)
+    array = _load_array(path, " (features are built from raw images by prepare_data.py)")
     expected = "(N, {})".format(dim) if granularity == "global" else f"(N, {NUM_BLOCKS}, {dim})"
     ndim = 2 if granularity == "global" else 3
     if array.ndim != ndim:
