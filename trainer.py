@@ -74,6 +74,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opt["learning_rate"])
         self.order_rng = torch.Generator().manual_seed(opt["seed"])
         self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
+        self.evaluated = True  # False between an epoch's last batch and its dev evaluation
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
@@ -98,7 +99,8 @@ class Trainer:
         """Everything a resumed run needs, as a plain dict."""
         return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
-                "best_rsum": self.best_rsum, "order_rng": self.epoch_rng_state, "torch_rng": torch.get_rng_state()}
+                "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
+                "torch_rng": torch.get_rng_state()}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
@@ -108,6 +110,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
+        self.evaluated = ckpt.get("evaluated", True)
         self.epoch_rng_state = ckpt["order_rng"]
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
@@ -163,6 +166,8 @@ class Trainer:
             self.report(None, self.evaluate(), 0.0)
         with interrupts_raise():
             try:
+                if not self.evaluated:  # the run stopped before the last finished epoch was evaluated
+                    self.select_and_save(None, 0.0)
                 while self.epoch < self.opt["num_epochs"]:
                     self.run_epoch()
             except Interrupted as sig:
@@ -179,16 +184,21 @@ class Trainer:
             group["lr"] = learning_rate(self.opt, self.epoch)
         start = time.time()
         losses = self.train_epoch()
-        self.epoch, self.step = self.epoch + 1, 0
+        self.epoch, self.step, self.evaluated = self.epoch + 1, 0, False
+        self.select_and_save(losses, start)
+
+    def select_and_save(self, losses: dict | None, start: float) -> None:
+        """Evaluate the finished epoch on dev, then save it (and as model_best when it is the best)."""
         result = self.evaluate()
         is_best = result["rsum"] > self.best_rsum
         self.best_rsum = max(self.best_rsum, result["rsum"])
+        self.evaluated = True
         self.save(best=is_best)
         self.report(losses, result, time.time() - start, is_best)
 
     def report(self, losses: dict | None, result: dict, seconds: float, is_best: bool = False) -> None:
         """The one summary line per epoch."""
-        head = f"epoch {self.epoch:3d}/{self.opt['num_epochs']}" if losses else "before training"
+        head = f"epoch {self.epoch:3d}/{self.opt['num_epochs']}" if self.epoch else "before training"
         loss = f"loss {losses['loss']:.4f}  " if losses else ""
         print(f"{head}  {loss}i2t mAP {result['i2t']['mAP']:6.2f}  t2i mAP {result['t2i']['mAP']:6.2f}  "
               f"rsum {result['rsum']:6.2f}  lr {self.optimizer.param_groups[0]['lr']:.1e}  {seconds:5.1f}s"

@@ -68,6 +68,27 @@ def test_resume_mid_epoch_is_exact(tiny_data, tmp_path, straight, monkeypatch):
     assert_same_state(weights(tmp_path), straight)
 
 
+def test_interrupt_before_the_epoch_is_evaluated(tiny_data, tmp_path, straight, monkeypatch):
+    real_evaluate = trainer.Trainer.evaluate
+    calls = {"n": 0}
+
+    def interrupt_second_evaluation(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first is before training, the second ends epoch 1
+            raise trainer.Interrupted("SIGTERM")
+        return real_evaluate(self)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", interrupt_second_evaluation)
+    with pytest.raises(SystemExit):
+        train(tiny_data, tmp_path, "--num_epochs", "2", "--lr_update", "1")
+    saved = weights(tmp_path)
+    assert (saved["epoch"], saved["step"], saved["evaluated"]) == (1, 0, False)
+    train(tiny_data, tmp_path, "--num_epochs", "2", "--lr_update", "1",
+          "--resume", str(tmp_path / "checkpoint.pth.tar"))
+    assert_same_state(weights(tmp_path), straight)
+    evaluated = [line.split()[1] for line in open(tmp_path / "performance.log")]
+    assert evaluated == ["0", "1", "2"]  # epoch 1 was evaluated after the resume
+
+
 def test_same_seed_same_losses_and_metrics(tiny_data, tmp_path):
     logs = []
     for name in ("a", "b"):
