@@ -4,25 +4,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from loss import relevance  # the one definition of "relevant": a shared label
+
 KS = (1, 5, 10)
 
 
-def relevance(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
-    """Boolean (Q, G): same label, or any shared label for multi-hot (N, C) labels."""
-    if query_labels.ndim == 2 and query_labels.shape[1] > 1:
-        return (query_labels.astype(np.float64) @ gallery_labels.T.astype(np.float64)) > 0
-    return query_labels.reshape(-1, 1) == gallery_labels.reshape(1, -1)
-
-
-def _ranked_relevance(sims: np.ndarray, rel: np.ndarray) -> torch.Tensor:
+def _ranked_relevance(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> torch.Tensor:
     """Relevance of each query's gallery in ranked order: similarity descending, ties in gallery order."""
     order = torch.sort(torch.from_numpy(sims), dim=1, descending=True, stable=True).indices  # multithreaded
-    return torch.gather(torch.from_numpy(rel), 1, order)
+    rel = relevance(torch.from_numpy(query_labels), torch.from_numpy(gallery_labels))
+    return torch.gather(rel, 1, order)
 
 
-def _chunk_sums(sims: np.ndarray, rel: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _chunk_sums(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                ks: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Per-query AP, hits in top K and relevant count for one chunk of queries."""
-    ranked = _ranked_relevance(sims, rel)
+    ranked = _ranked_relevance(sims, query_labels, gallery_labels)
     rows, cols = ranked.nonzero(as_tuple=True)  # relevant items, row-major: ranks ascending per query
     n_rel = torch.bincount(rows, minlength=ranked.shape[0])
     first = torch.cumsum(n_rel, 0) - n_rel
@@ -45,7 +42,7 @@ def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: 
     """
     sims = np.asarray(sims, dtype=np.float64)
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    parts = [_chunk_sums(sims[i:i + chunk], relevance(query_labels[i:i + chunk], gallery_labels), ks)
+    parts = [_chunk_sums(sims[i:i + chunk], query_labels[i:i + chunk], gallery_labels, ks)
              for i in range(0, sims.shape[0], chunk)]
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     kept = merged.pop("n_rel") > 0
@@ -70,7 +67,7 @@ def precision_recall_curve(sims: np.ndarray, query_labels: np.ndarray, gallery_l
     """Interpolated precision (max precision at recall >= level), averaged over queries with a relevant item."""
     totals, count = np.zeros(len(levels)), 0
     for i in range(0, sims.shape[0], chunk):
-        ranked = _ranked_relevance(sims[i:i + chunk], relevance(query_labels[i:i + chunk], gallery_labels)).numpy()
+        ranked = _ranked_relevance(sims[i:i + chunk], query_labels[i:i + chunk], gallery_labels).numpy()
         ranked = ranked[ranked.any(axis=1)]
         hits = np.cumsum(ranked, axis=1)
         precision = hits / np.arange(1, ranked.shape[1] + 1)

@@ -43,13 +43,10 @@ def similarity_matrix(model: nn.Module, dataset: PrecompDataset, batch_size: int
     return sims.double().cpu().numpy()
 
 
-def labels_of(dataset: PrecompDataset) -> np.ndarray:
-    return dataset.labels.numpy()
-
-
 def validate(model: nn.Module, dataset: PrecompDataset, batch_size: int, device: torch.device) -> dict:
     """i2t / t2i metrics of a split and rsum = i2t mAP + t2i mAP (the model-selection score)."""
     sims = similarity_matrix(model, dataset, batch_size, device)
-    result = retrieval_metrics(sims, labels_of(dataset), labels_of(dataset))
+    labels = dataset.labels.numpy()
+    result = retrieval_metrics(sims, labels, labels)
     result["rsum"] = result["i2t"]["mAP"] + result["t2i"]["mAP"]
     return result
