@@ -34,7 +34,7 @@ def _load_array(path: str, hint: str = "") -> np.ndarray:
 def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Tensor:
     """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite."""
     array = _load_array(path, " (features are built from raw images by prepare_data.py)")
-    expected = "(N, {})".format(dim) if granularity == "global" else f"(N, {NUM_BLOCKS}, {dim})"
+    expected = f"(N, {dim})" if granularity == "global" else f"(N, {NUM_BLOCKS}, {dim})"
     ndim = 2 if granularity == "global" else 3
     if array.ndim != ndim:
         other = "fine-grained (local)" if array.ndim == 3 else "coarse-grained (global)"

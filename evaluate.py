@@ -109,10 +109,7 @@ def tune_weight(nets: list[Subnetwork]) -> float:
     """Fusion weight with the best i2t + t2i mAP on dev (first best on ties)."""
     labels = nets[0].dataset("dev").labels.numpy()
     g, l = nets[0].sims("dev"), nets[1].sims("dev")
-    scores = []
-    for w in FUSION_GRID:
-        m = retrieval_metrics(w * g + (1 - w) * l, labels, labels)
-        scores.append(m["i2t"]["mAP"] + m["t2i"]["mAP"])
+    scores = [retrieval_metrics(w * g + (1 - w) * l, labels, labels)["rsum"] for w in FUSION_GRID]
     return float(FUSION_GRID[int(np.argmax(scores))])
 
 
@@ -182,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, sims in rows.items():
         results[name] = retrieval_metrics(sims, labels, labels)
-        results[name]["mean_mAP"] = (results[name]["i2t"]["mAP"] + results[name]["t2i"]["mAP"]) / 2
+        results[name]["mean_mAP"] = results[name]["rsum"] / 2
     print(f"split: {split} ({len(labels)} items, {nets[0].data_name})"
           + (f", fusion weight w = {weight:.2f}{' (tuned on dev)' if args.tune_fusion else ''}" if weight is not None else ""))
     print(format_table(results))

@@ -56,10 +56,13 @@ def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: 
 
 def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,
                       chunk: int = 1000) -> dict[str, dict[str, float]]:
-    """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix."""
+    """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix,
+    with rsum = i2t mAP + t2i mAP (the model-selection and fusion-tuning score)."""
     sims = np.asarray(sims)
-    return {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
-            "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
+    result = {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
+              "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
+    result["rsum"] = result["i2t"]["mAP"] + result["t2i"]["mAP"]
+    return result
 
 
 def precision_recall_curve(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,

@@ -7,34 +7,24 @@ import pytest
 
 from options import parse_options
 
-# Verbatim from the authors' README (github.com/peixinlei/M2HSE), line breaks and misspellings included.
+# The authors' README (github.com/peixinlei/M2HSE) prints both commands in this form: one flag a line, no
+# backslashes, trailing spaces and the misspelt --lr_updata / --batchsize included.
+AUTHORS_TEMPLATE = """python train_{kind}.py 
+        --data_path ./data/{grain}-grained-data
+        --data_name corel5k_precomp 
+        --vocab_path ./vocab 
+        --logger_name ./checkpoint/M2HSE/{run}/Corel5K 
+        --model_name ./checkpoint/M2HSE/{run}/Corel5K 
+        --num_epochs 100 
+        --lr_updata 50 
+        --batchsize 100  
+        --gamma_1 1 
+        --gamma_2 .5 
+        --{w}_1 {v} 
+        --{w}_2 {v}"""
 AUTHORS_COMMANDS = {
-    "global": """python train_global.py 
-        --data_path ./data/coarse-grained-data
-        --data_name corel5k_precomp 
-        --vocab_path ./vocab 
-        --logger_name ./checkpoint/M2HSE/Global/Corel5K 
-        --model_name ./checkpoint/M2HSE/Global/Corel5K 
-        --num_epochs 100 
-        --lr_updata 50 
-        --batchsize 100  
-        --gamma_1 1 
-        --gamma_2 .5 
-        --alpha_1 .8 
-        --alpha_2 .8""",
-    "local": """python train_local.py 
-        --data_path ./data/fine-grained-data
-        --data_name corel5k_precomp 
-        --vocab_path ./vocab 
-        --logger_name ./checkpoint/M2HSE/Local/Corel5K 
-        --model_name ./checkpoint/M2HSE/Local/Corel5K 
-        --num_epochs 100 
-        --lr_updata 50 
-        --batchsize 100  
-        --gamma_1 1 
-        --gamma_2 .5 
-        --beta_1 .4 
-        --beta_2 .4""",
+    "global": AUTHORS_TEMPLATE.format(kind="global", grain="coarse", run="Global", w="alpha", v=".8"),
+    "local": AUTHORS_TEMPLATE.format(kind="local", grain="fine", run="Local", w="beta", v=".4"),
 }
 EXPECTED = {"data_name": "corel5k_precomp", "vocab_path": "./vocab", "num_epochs": 100, "lr_update": 50,
             "batch_size": 100, "gamma_1": 1.0, "gamma_2": 0.5}
