@@ -28,10 +28,10 @@ from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import features
+from extraction import features
 from errors import InputError, report_errors
 from options import resolve_device
-from prepare_inputs import SPLITS, Collection, Item, label_mapping, read_corel, read_manifest
+from extraction.inputs import SPLITS, Collection, Item, label_mapping, read_corel, read_manifest
 
 Arrays = dict[str, np.ndarray]
 Progress = Callable[[int], None]

@@ -1,4 +1,4 @@
-"""Feature preparation from raw images (prepare_data.py, prepare_inputs.py, features.py) on small generated data.
+"""Feature preparation from raw images (prepare_data.py, extraction/) on small generated data.
 
 Only one full run uses the (randomly initialised) AlexNet, which is slow on a CPU; the other end-to-end
 runs swap in a cheap stand-in for fc7, since what they check (inputs, caching, BoVW, codebook, errors)
@@ -19,9 +19,9 @@ import pytest
 import torch
 from scipy.io import savemat
 
-import features
+from extraction import features
 import prepare_data
-from prepare_inputs import label_mapping, read_corel, read_manifest
+from extraction.inputs import label_mapping, read_corel, read_manifest
 
 from tests._images import draw_image, make_collection, write_manifest
 from tests.conftest import run_script

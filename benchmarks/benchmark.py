@@ -1,7 +1,7 @@
 """Speed and memory of the fast code against the plain references, measured in the same run (CPU).
 
-  python benchmark.py                       everything (about 10-15 minutes on 2 cores)
-  python benchmark.py --only loss,map       a subset: loss, map, global_epoch, local_step,
+  python -m benchmarks.benchmark                     everything (about 10-15 minutes on 2 cores)
+  python -m benchmarks.benchmark --only loss,map   a subset: loss, map, global_epoch, local_step,
                                             local_scoring, local_memory, local_epoch, features
 """
 from __future__ import annotations
@@ -89,9 +89,9 @@ def run(part: str) -> dict:
     if part in ("global_epoch", "local_epoch"):
         return bench_epoch(part.split("_")[0])
     if part.startswith("local_"):
-        import bench_local
+        from benchmarks import bench_local
         return getattr(bench_local, f"bench_{part}")()
-    import bench_features
+    from benchmarks import bench_features
     return bench_features.bench_features()
 
 

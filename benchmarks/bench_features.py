@@ -1,4 +1,4 @@
-"""Throughput of feature extraction on this machine's CPU: `python bench_features.py [--images N]`.
+"""Throughput of feature extraction on this machine's CPU: `python -m benchmarks.bench_features [--images N]`.
 
 CNN: AlexNet fc7 of the whole image and its 9 grid blocks (10 forward passes per image), preprocessing
 included. BoVW: dense SIFT, nearest-word assignment and the 10 histograms per image. Images are
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import features
+from extraction import features
 
 
 def synthetic_images(count: int, width: int = 384, height: int = 256, seed: int = 0) -> list[Image.Image]:

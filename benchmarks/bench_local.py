@@ -1,6 +1,6 @@
 """CPU benchmark of the batched local attention (model_local) against the looped reference.
 
-    python bench_local.py [--threads 1] [--memory-n 5000]
+    python -m benchmarks.bench_local [--threads 1] [--memory-n 5000]
 
 Both sides of every ratio run in the same process with the same thread count.
 """
@@ -29,7 +29,7 @@ VOCAB = 300
 N_BLOCKS = 9
 MIN_WORDS, MAX_WORDS = 3, 7
 N_LABELS = 10
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _full_model(seed: int = 0) -> LocalModel:
@@ -139,7 +139,7 @@ def _memory_child(n: int) -> None:
 def bench_local_memory(n: int = 5000) -> dict:
     """Peak resident memory of scoring n x n pairs, measured in a child process (Linux VmHWM)."""
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"import bench_local; bench_local._memory_child({n})")
+            f"from benchmarks import bench_local; bench_local._memory_child({n})")
     child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            check=True)
     return {"pairs": n * n, **json.loads(child.stdout.strip().splitlines()[-1])}
