@@ -73,7 +73,11 @@ def load_labels(path: str) -> torch.Tensor:
 
 
 class PrecompDataset(Dataset):
-    """One split of a precomp folder: captions, CNN and BoVW features, labels; row i is one item."""
+    """One split of a precomp folder: N images (CNN and BoVW features, labels) and k·N captions.
+
+    Caption c describes image c // k (k = `captions_per_image`, found from the counts; 1 in the authors'
+    Corel 5K layout). Items are captions: `len` is k·N and item c carries its image's features and label.
+    """
 
     def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
                  granularity: str, cnn_dim: int, bovw_dim: int):
@@ -87,18 +91,37 @@ class PrecompDataset(Dataset):
         self.cnns = load_features(split_file(folder, split, "cnns"), granularity, cnn_dim, "--cnn_dim")
         self.bovws = load_features(split_file(folder, split, "bovws"), granularity, bovw_dim, "--bovw_dim")
         self.labels = load_labels(split_file(folder, split, "labels"))
-        counts = {caps_path: len(self.captions)}
-        for kind, rows in (("cnns", self.cnns), ("bovws", self.bovws), ("labels", self.labels)):
-            counts[split_file(folder, split, kind)] = len(rows)
-        if len(set(counts.values())) != 1:
-            listing = ", ".join(f"{os.path.basename(p)}: {n}" for p, n in counts.items())
-            raise InputError(f"{folder}: row counts of split '{split}' disagree ({listing})")
+        self.num_images = len(self.labels)
+        self.captions_per_image = _captions_per_image(folder, split, self)
+        self.caption_labels = self.labels.repeat_interleave(self.captions_per_image, dim=0)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int):
-        return self.cnns[index], self.bovws[index], self.captions[index], self.labels[index], index
+        image = index // self.captions_per_image
+        return self.cnns[image], self.bovws[image], self.captions[index], self.labels[image], index
+
+    def describe(self) -> str:
+        """'N images, k·N captions (k per image)'."""
+        return f"{self.num_images} images, {len(self.captions)} captions ({self.captions_per_image} per image)"
+
+
+def _captions_per_image(folder: str, split: str, dataset: PrecompDataset) -> int:
+    """k from the counts: features and labels have N rows, the caption file k·N lines."""
+    n_caps = len(dataset.captions)
+    counts = {split_file(folder, split, "caps"): n_caps}
+    for kind in ("cnns", "bovws", "labels"):
+        counts[split_file(folder, split, kind)] = len(getattr(dataset, kind))
+    image_rows = set(list(counts.values())[1:])
+    if len(image_rows) != 1:
+        listing = ", ".join(f"{os.path.basename(p)}: {n}" for p, n in counts.items())
+        raise InputError(f"{folder}: row counts of split '{split}' disagree ({listing})")
+    n_images = image_rows.pop()  # at least 1: load_labels refuses an empty array
+    if n_caps % n_images:
+        raise InputError(f"{split_file(folder, split, 'caps')}: {n_caps} captions for {n_images} images; the caption "
+                         "count must be a whole multiple k·N of the image count (caption j describes image j // k)")
+    return n_caps // n_images
 
 
 def collate(batch: list) -> tuple[torch.Tensor, ...]:

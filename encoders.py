@@ -70,7 +70,8 @@ def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_m
 class TwoBranchModel(nn.Module):
     """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
 
-    Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2).
+    Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2) and define
+    `encode_primary_texts`.
     """
 
     kind = ""
@@ -84,6 +85,15 @@ class TwoBranchModel(nn.Module):
         self.img_bovw = VisualEncoder(opt["bovw_dim"], embed)
         self.txt_cnn = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
         self.txt_bovw = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
+
+    def encode_primary_images(self, cnn: torch.Tensor) -> torch.Tensor:
+        """CNN-branch image embeddings used for retrieval, one per image (or per block)."""
+        return self.img_cnn(cnn)
+
+    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Primary image and caption embeddings of a batch (the inputs of primary_similarity)."""
+        return self.encode_primary_images(cnn), self.encode_primary_texts(captions, lengths)
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each similarity's MSB term: 1 for S_P, the option values for S_A1, S_A2."""

@@ -100,17 +100,25 @@ def pick_split(nets: list[Subnetwork], split: str) -> str:
 
 def check_same_items(nets: list[Subnetwork], split: str) -> None:
     first, second = (net.dataset(split) for net in nets)
-    if len(first) != len(second) or not torch.equal(first.labels, second.labels):
+    # Equal image labels and equal caption labels imply equal N and k.
+    if not (torch.equal(first.labels, second.labels) and torch.equal(first.caption_labels, second.caption_labels)):
         raise InputError(f"the {split} split of {nets[0].data_path} and {nets[1].data_path} hold different "
-                         "items (row counts or labels disagree); fusion needs row i to be the same item")
+                         f"items ({first.describe()} against {second.describe()}, or labels disagree); fusion "
+                         "needs image i and caption j to be the same in both")
 
 
 def tune_weight(nets: list[Subnetwork]) -> float:
     """Fusion weight with the best i2t + t2i mAP on dev (first best on ties)."""
-    labels = nets[0].dataset("dev").labels.numpy()
+    labels = split_labels(nets, "dev")
     g, l = nets[0].sims("dev"), nets[1].sims("dev")
-    scores = [retrieval_metrics(w * g + (1 - w) * l, labels, labels)["rsum"] for w in FUSION_GRID]
+    scores = [retrieval_metrics(w * g + (1 - w) * l, *labels)["rsum"] for w in FUSION_GRID]
     return float(FUSION_GRID[int(np.argmax(scores))])
+
+
+def split_labels(nets: list[Subnetwork], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the rows (N images) and of the columns (k·N captions) of a split's similarity matrices."""
+    dataset = nets[0].dataset(split)
+    return dataset.labels.numpy(), dataset.caption_labels.numpy()
 
 
 def score_rows(nets: list[Subnetwork], split: str, weight: float | None) -> dict[str, np.ndarray]:
@@ -132,7 +140,8 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: dict[str, np.ndarray], labels: np.ndarray, path: str) -> None:
+def plot_curves(rows: dict[str, np.ndarray], labels: tuple[np.ndarray, np.ndarray], path: str) -> None:
+    """Precision-recall curves of i2t (image queries, caption gallery) and t2i (the transpose)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,7 +150,8 @@ def plot_curves(rows: dict[str, np.ndarray], labels: np.ndarray, path: str) -> N
     for ax, direction in zip(axes, ("i2t", "t2i")):
         for name, sims in rows.items():
             matrix = sims if direction == "i2t" else sims.T
-            ax.plot(levels, precision_recall_curve(matrix, labels, labels, levels), marker="o", label=name)
+            query, gallery = labels if direction == "i2t" else labels[::-1]
+            ax.plot(levels, precision_recall_curve(matrix, query, gallery, levels), marker="o", label=name)
         ax.set(title=f"{direction} precision-recall", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend()
@@ -175,12 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
         check_same_items(nets, split)
         weight = tune_weight(nets) if args.tune_fusion else args.fusion_weight
     rows = score_rows(nets, split, weight)
-    labels = nets[0].dataset(split).labels.numpy()
+    labels = split_labels(nets, split)
     results = {}
     for name, sims in rows.items():
-        results[name] = retrieval_metrics(sims, labels, labels)
+        results[name] = retrieval_metrics(sims, *labels)
         results[name]["mean_mAP"] = results[name]["rsum"] / 2
-    print(f"split: {split} ({len(labels)} items, {nets[0].data_name})"
+    dataset = nets[0].dataset(split)
+    print(f"split: {split} ({dataset.describe()}, {nets[0].data_name})"
           + (f", fusion weight w = {weight:.2f}{' (tuned on dev)' if args.tune_fusion else ''}" if weight is not None else ""))
     print(format_table(results))
     for name, m in results.items():
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"notice: {name} {direction}: {m[direction]['no_relevant']} queries have no relevant item "
                       "and are left out of the means")
     output = args.output or os.path.join(os.path.dirname(nets[0].path) or ".", f"eval_{split}.json")
-    summary = {"split": split, "data_name": nets[0].data_name, "fusion_weight": weight,
+    summary = {"split": split, "data_name": nets[0].data_name, "images": dataset.num_images,
+               "captions_per_image": dataset.captions_per_image, "fusion_weight": weight,
                "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
     write_outputs(args, rows, summary, split, labels, output)
     return summary

@@ -23,10 +23,9 @@ class GlobalModel(TwoBranchModel):
         t_b = self._caption_vectors(self.txt_bovw, captions, lengths)
         return {"P": c @ t_c.T, "A1": b @ t_b.T, "A2": c @ b.T}
 
-    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
-                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CNN image vectors (B, d) and CNN-branch caption vectors (B, d) used for retrieval."""
-        return self.img_cnn(cnn), self._caption_vectors(self.txt_cnn, captions, lengths)
+    def encode_primary_texts(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CNN-branch caption vectors (B, d) used for retrieval (pooled over the batch as in training)."""
+        return self._caption_vectors(self.txt_cnn, captions, lengths)
 
     def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
                            text_lengths: torch.Tensor | None = None, chunk: int = 1000) -> torch.Tensor:

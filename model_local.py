@@ -172,10 +172,9 @@ class LocalModel(TwoBranchModel):
             "A2": self._paired(cnn_blocks, block_lengths, bovw_blocks, block_lengths),
         }
 
-    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
-                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CNN block embeddings (B, 9, d) and CNN-branch word vectors (B, L, d)."""
-        return self.img_cnn(cnn), self.txt_cnn(captions, lengths)
+    def encode_primary_texts(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CNN-branch word vectors (B, L, d) used for retrieval."""
+        return self.txt_cnn(captions, lengths)
 
     def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
                            text_lengths: torch.Tensor, chunk: int = 1000) -> torch.Tensor:

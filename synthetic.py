@@ -37,10 +37,12 @@ class SyntheticSpec:
         self.bovw_protos = rng.dirichlet(np.full(bovw_dim, 0.3), (categories, NUM_BLOCKS))
         self.signal_blocks = rng.random((categories, NUM_BLOCKS)) < 0.5
 
-    def sample(self, rng: np.random.Generator, size: int) -> dict[str, np.ndarray | list[str]]:
+    def sample(self, rng: np.random.Generator, size: int,
+               captions_per_image: int = 1) -> dict[str, np.ndarray | list[str]]:
+        """`size` images with `captions_per_image` captions each; caption j describes image j // k."""
         labels = rng.integers(0, self.categories, size)
         captions = [" ".join(rng.choice(self.words, rng.integers(1, 6), replace=False, p=self.word_probs[c]))
-                    for c in labels]
+                    for c in np.repeat(labels, captions_per_image)]
         return {"labels": labels.astype(np.int64), "captions": captions,
                 "local_cnns": self._cnn_blocks(rng, labels), "local_bovws": self._bovw_blocks(rng, labels)}
 
@@ -72,13 +74,15 @@ def write_split(out_path: str, data_name: str, split: str, items: dict) -> None:
 
 def generate(out_path: str = "./data", data_name: str = "synthetic_precomp", sizes: dict | None = None,
              cnn_dim: int = 4096, bovw_dim: int = 500, categories: int = 50, words: int = 260,
-             seed: int = 0) -> None:
-    """Write train/dev/test of a synthetic dataset under out_path/{coarse,fine}-grained-data/data_name."""
+             seed: int = 0, captions_per_image: int = 1) -> None:
+    """Write train/dev/test of a synthetic dataset under out_path/{coarse,fine}-grained-data/data_name;
+    sizes count images, each with `captions_per_image` captions."""
     sizes = sizes or {"train": 2000, "dev": 500, "test": 500}
     spec = SyntheticSpec(seed, categories, words, cnn_dim, bovw_dim)
     for offset, (split, size) in enumerate(sizes.items(), 1):
         if size > 0:
-            write_split(out_path, data_name, split, spec.sample(np.random.default_rng([seed, offset]), size))
+            rng = np.random.default_rng([seed, offset])
+            write_split(out_path, data_name, split, spec.sample(rng, size, captions_per_image))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,10 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bovw_dim", type=int, default=500)
     p.add_argument("--categories", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions_per_image", type=int, default=1, help="k captions per image (k·N caption lines)")
     a = p.parse_args(argv)
     generate(a.out_path, a.data_name, {"train": a.train, "dev": a.dev, "test": a.test},
-             a.cnn_dim, a.bovw_dim, a.categories, seed=a.seed)
-    print(f"SYNTHETIC dataset {a.data_name}: {a.train}/{a.dev}/{a.test} items -> {a.out_path}")
+             a.cnn_dim, a.bovw_dim, a.categories, seed=a.seed, captions_per_image=a.captions_per_image)
+    print(f"SYNTHETIC dataset {a.data_name}: {a.train}/{a.dev}/{a.test} images, {a.captions_per_image} "
+          f"caption(s) each -> {a.out_path}")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class Trainer:
         return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
                 "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
@@ -208,6 +208,6 @@ class Trainer:
 def main(kind: str, argv: list[str] | None = None) -> float:
     """Entry point of train_global.py / train_local.py."""
     trainer = Trainer(kind, parse_options(kind, argv))
-    print(f"{kind}-level subnetwork on {trainer.device}: {len(trainer.train_set)} train, "
-          f"{len(trainer.val_set)} {trainer.opt['val_split']} items, vocabulary {len(trainer.vocab)}", flush=True)
+    print(f"{kind}-level subnetwork on {trainer.device}: train {trainer.train_set.describe()}, "
+          f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}", flush=True)
     return trainer.fit()
