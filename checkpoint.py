@@ -29,6 +29,15 @@ def save_checkpoint(state: dict, path: str) -> None:
         raise
 
 
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf (one device sync for all of them)."""
+    floats = {name: t for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()}
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in floats.values()]).tolist()
+    return [name for name, ok in zip(floats, finite) if not ok]
+
+
 def load_checkpoint(path: str, kind: str | None = None) -> dict:
     """Load a checkpoint safely; refuse pickled objects, corrupt files and the wrong subnetwork."""
     if not os.path.isfile(path):
@@ -46,6 +55,10 @@ def load_checkpoint(path: str, kind: str | None = None) -> dict:
         raise InputError(f"{path}: corrupt or truncated checkpoint ({first[:160]})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise InputError(f"{path}: not an M2HSE checkpoint (needs the keys {', '.join(REQUIRED_KEYS)})")
+    bad = nonfinite_tensors(state["model"]) if isinstance(state["model"], dict) else []
+    if bad:
+        raise InputError(f"{path}: the weights hold NaN or inf ({', '.join(bad[:3])}); the run that saved them "
+                         "diverged, use an earlier checkpoint")
     if kind is not None and state["kind"] != kind:
         raise InputError(f"{path}: this is a {state['kind']}-level checkpoint, a {kind}-level one is needed here")
     return state

@@ -82,6 +82,7 @@ class PrecompDataset(Dataset):
     def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
                  granularity: str, cnn_dim: int, bovw_dim: int):
         folder = os.path.join(data_path, data_name)
+        self.folder, self.split = folder, split
         if not os.path.isdir(folder):
             raise InputError(f"{folder}: data folder not found (check --data_path and --data_name)")
         caps_path = split_file(folder, split, "caps")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from data import PrecompDataset, make_loader
+from errors import InputError
 from metrics import retrieval_metrics
 
 
@@ -40,8 +41,13 @@ def similarity_matrix(model: nn.Module, dataset: PrecompDataset, batch_size: int
                       chunk: int = 1000) -> np.ndarray:
     """Primary similarity S_P (N images x k·N captions) of a split, as float64 numpy."""
     images, texts, lengths = encode_split(model, dataset, batch_size, device)
-    sims = model.primary_similarity(images, texts, lengths, chunk=chunk)
-    return sims.double().cpu().numpy()
+    sims = model.primary_similarity(images, texts, lengths, chunk=chunk).double().cpu().numpy()
+    bad = ~np.isfinite(sims)
+    if bad.any():  # NaN scores would still rank, in gallery order, into a normal-looking table
+        image, caption = np.argwhere(bad)[0]
+        raise InputError(f"{dataset.folder}: {int(bad.sum())} similarities of the '{dataset.split}' split are NaN "
+                         f"or inf (first: image {image}, caption {caption}); feature values too large for float32?")
+    return sims
 
 
 def validate(model: nn.Module, dataset: PrecompDataset, batch_size: int, device: torch.device) -> dict:

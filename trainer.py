@@ -12,17 +12,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
 from loss import msb_loss
 from models import build_model
 from options import parse_options, resolve_device
+from run_lock import RunLock
 from run_log import RunLogger
 from scoring import validate
 from vocab import load_vocab, vocab_file
 
 LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def learning_rate(opt: dict, epoch: int) -> float:
@@ -49,9 +51,24 @@ def interrupts_raise():
     """Turn SIGINT / SIGTERM into Interrupted so the loop can save before leaving."""
     def handler(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT / SIGTERM back for the block; yields the names of those that arrived meanwhile."""
+    held: list[str] = []
+
+    def hold(signum, frame):
+        held.append(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, hold) for s in STOP_SIGNALS}
+    try:
+        yield held
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -62,6 +79,9 @@ class Trainer:
 
     def __init__(self, kind: str, opt: dict):
         self.kind, self.opt = kind, opt
+        if opt["batch_size"] < 2:  # SPEC 5: an anchor needs a positive and a negative in its own batch
+            raise InputError(f"--batch_size {opt['batch_size']} cannot produce a loss: the MSB loss needs a "
+                             "positive and a negative of another label in each batch, so at least 2 items")
         self.device = resolve_device(opt["device"], opt["gpuid"])
         torch.manual_seed(opt["seed"])
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
@@ -78,12 +98,33 @@ class Trainer:
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
+        self.locks = self._lock_run_folders()
         self.log = RunLogger(opt["logger_name"])
-        self._check_writable(opt["model_name"])
 
     def _dataset(self, split: str) -> PrecompDataset:
         o = self.opt
         return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"])
+
+    def _lock_run_folders(self) -> list[RunLock]:
+        """Claim --model_name and --logger_name for this run; refuses while another run holds either."""
+        folders: dict[str, str] = {}
+        for folder in (self.opt["model_name"], self.opt["logger_name"]):
+            folders.setdefault(os.path.realpath(folder), folder)
+        locks: list[RunLock] = []
+        try:
+            for folder in folders.values():
+                self._check_writable(folder)
+                locks.append(RunLock(folder))
+        except InputError:
+            for lock in locks:
+                lock.release()
+            raise
+        return locks
+
+    def release(self) -> None:
+        """Free the run folders for another run."""
+        for lock in self.locks:
+            lock.release()
 
     @staticmethod
     def _check_writable(folder: str) -> None:
@@ -115,11 +156,28 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
 
-    def save(self, best: bool = False) -> None:
+    def save(self, best: bool = False) -> list[str]:
+        """Write model_best (when best) and checkpoint.pth.tar as one step SIGINT / SIGTERM cannot split.
+
+        Returns the signals that arrived during the save, for the caller to act on. model_best is written
+        first: a crash between the two files then leaves a checkpoint whose best score model_best holds.
+        """
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:
+            raise self.diverged(f"the weights hold NaN or inf ({', '.join(bad[:3])}); they were not saved")
         state = self.state()
-        save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
-        if best:
-            save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
+        with signals_held() as held:
+            if best:
+                save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
+            save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+        return held
+
+    def diverged(self, what: str) -> TrainingError:
+        """The error that stops a run whose numbers left the finite range, saying what was kept."""
+        last = os.path.join(self.opt["model_name"], LAST)
+        kept = f"the last good checkpoint {last} is kept" if os.path.exists(last) else "no checkpoint was saved"
+        return TrainingError(f"{what} at epoch {self.epoch + 1}, batch {self.step + 1}; training stopped, {kept} "
+                             "(feature values too large, or --learning_rate too high?)")
 
     def evaluate(self) -> dict:
         result = validate(self.model, self.val_set, self.opt["batch_size"], self.device)
@@ -133,11 +191,12 @@ class Trainer:
         batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
         loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], batches[self.step:])
         totals: dict[str, float] = {}
-        count = 0
+        count, learned = 0, False
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}", total=len(batches), initial=self.step,
                    leave=False, file=sys.stderr, disable=None)  # no bar when stderr is not a terminal
         for batch in bar:
             terms = self.train_step(batch)
+            learned = learned or terms["loss"] != 0
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value
             self.step, count = self.step + 1, count + 1
@@ -146,38 +205,51 @@ class Trainer:
                 global_step = self.epoch * len(batches) + self.step
                 self.log.loss(self.epoch, self.step, global_step, terms, self.optimizer.param_groups[0]["lr"])
         self.epoch_rng_state = self.order_rng.get_state()
+        if count and not learned:
+            print(f"warning: epoch {self.epoch + 1}: no batch produced a loss term (no item had both a positive and "
+                  "a negative of another label in its batch: single-label data?), so nothing was learned",
+                  file=sys.stderr, flush=True)
         return {name: value / max(count, 1) for name, value in totals.items()}
 
     def train_step(self, batch) -> dict[str, float]:
         terms = batch_loss(self.model, batch, self.opt, self.device)
         if not torch.isfinite(terms["loss"]):
-            raise TrainingError(f"the loss became {terms['loss'].item()} at epoch {self.epoch + 1}, batch "
-                                f"{self.step + 1}; stopped, the last good checkpoint in {self.opt['model_name']} is kept")
+            raise self.diverged(f"the loss became {terms['loss'].item()}")
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        if self.opt["grad_clip"] > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.opt["grad_clip"])
+        # The norm is checked even without clipping: NaN similarities give a zero loss but NaN gradients.
+        max_norm = self.opt["grad_clip"] if self.opt["grad_clip"] > 0 else math.inf
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not torch.isfinite(norm):
+            raise self.diverged(f"the gradient norm became {norm.item()}")
         self.optimizer.step()
+        bad = nonfinite_tensors(dict(self.model.named_parameters()))
+        if bad:
+            raise self.diverged(f"the weights became NaN or inf ({', '.join(bad[:3])})")
         return {name: value.item() for name, value in terms.items()}
 
     def fit(self) -> float:
         """Train to num_epochs; returns the best rsum on the validation split."""
-        if self.epoch == 0 and self.step == 0:
-            self.report(None, self.evaluate(), 0.0)
         with interrupts_raise():
             try:
+                if self.epoch == 0 and self.step == 0:
+                    self.report(None, self.evaluate(), 0.0)
                 if not self.evaluated:  # the run stopped before the last finished epoch was evaluated
                     self.select_and_save(None, 0.0)
                 while self.epoch < self.opt["num_epochs"]:
                     self.run_epoch()
             except Interrupted as sig:
-                self.save()
-                path = os.path.join(self.opt["model_name"], LAST)
-                print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
-                      f"resume with the same command plus --resume {path}", file=sys.stderr)
-                sys.exit(130)
+                self.stop(sig)
         self.log.close()
         return self.best_rsum
+
+    def stop(self, sig: Interrupted) -> None:
+        """Save where the run stands and exit with status 130; a further signal during this save is ignored."""
+        self.save()
+        path = os.path.join(self.opt["model_name"], LAST)
+        print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
+              f"resume with the same command plus --resume {path}", file=sys.stderr)
+        sys.exit(130)
 
     def run_epoch(self) -> None:
         for group in self.optimizer.param_groups:
@@ -193,8 +265,10 @@ class Trainer:
         is_best = result["rsum"] > self.best_rsum
         self.best_rsum = max(self.best_rsum, result["rsum"])
         self.evaluated = True
-        self.save(best=is_best)
+        held = self.save(best=is_best)
         self.report(losses, result, time.time() - start, is_best)
+        if held:  # a signal that came during the save stops the run now that both files are written
+            raise Interrupted(held[0])
 
     def report(self, losses: dict | None, result: dict, seconds: float, is_best: bool = False) -> None:
         """The one summary line per epoch."""
@@ -210,4 +284,7 @@ def main(kind: str, argv: list[str] | None = None) -> float:
     trainer = Trainer(kind, parse_options(kind, argv))
     print(f"{kind}-level subnetwork on {trainer.device}: train {trainer.train_set.describe()}, "
           f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}", flush=True)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.release()  # also after an error or an interrupt, so the same process can train there again
