@@ -1,6 +1,7 @@
 """Precomputed-feature datasets in the authors' precomp layout (SPEC section 1) and their loaders."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -31,6 +32,17 @@ def _load_array(path: str, hint: str = "") -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy array ({err})") from None
 
 
+def _width_hint(path: str, flag: str, width: int) -> str:
+    """What the files hold and the flag value they need, from the dataset's summary.json when present."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "summary.json"), encoding="utf-8") as f:
+            backbone = json.load(f)["cnn"]["backbone"]
+    except (OSError, ValueError, KeyError, TypeError):  # no summary (e.g. the authors' files): just the width
+        backbone = None
+    held = f"{backbone} features" if flag == "--cnn_dim" and backbone else f"{width}-wide features"
+    return f"; the files hold {held}: use {flag} {width}"
+
+
 def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Tensor:
     """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite."""
     array = _load_array(path, " (features are built from raw images by prepare_data.py)")
@@ -44,7 +56,8 @@ def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Ten
     if granularity == "local" and array.shape[1] != NUM_BLOCKS:
         raise InputError(f"{path}: shape {array.shape}, expected {NUM_BLOCKS} blocks per image {expected}")
     if array.shape[-1] != dim:
-        raise InputError(f"{path}: feature width {array.shape[-1]} differs from {flag} {dim}")
+        raise InputError(f"{path}: feature width {array.shape[-1]} differs from {flag} {dim}"
+                         f"{_width_hint(path, flag, array.shape[-1])}")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise InputError(f"{path}: features must be real numbers, found dtype {array.dtype}")
     array = array.astype(np.float32, copy=False)

@@ -2,10 +2,13 @@
 
     python prepare_data.py --corel Corel5K.7z     # -> ./data/{coarse,fine}-grained-data/corel5k_precomp/
     python prepare_data.py --manifest mydata/manifest.csv --data_name mydata_precomp
+    python prepare_data.py --caption_json dataset_rsicd.json --images RSICD_images --class_lists txtclasses_rsicd \
+        --cnn_backbone efficientnet_lite0       # -> rsicd_precomp, 5 captions per image
 
-Writes, for each split present (train, dev, test), {split}_cnns.npy ((N, 4096) coarse, (N, 9, 4096) fine),
-{split}_bovws.npy ((N, K) / (N, 9, K)), {split}_caps.txt and {split}_labels.npy, plus codebook.npy and
-summary.json. Work is cached in chunks of images, so an interrupted run resumes where it stopped.
+Writes, for each split present (train, dev, test), {split}_cnns.npy ((N, W) coarse, (N, 9, W) fine; W = 4096
+for AlexNet, 1280 for EfficientNet-Lite0), {split}_bovws.npy ((N, K) / (N, 9, K)), {split}_caps.txt (k lines
+per image: caption j describes row j // k), {split}_labels.npy and {split}_images.txt (the image of each row),
+plus codebook.npy and summary.json. Work is cached in chunks of images, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from extraction import features
+from extraction import backbones, features
 from errors import InputError, report_errors
 from options import resolve_device
-from extraction.inputs import SPLITS, Collection, Item, label_mapping, read_corel, read_manifest
+from extraction.inputs import (SPLITS, Collection, Item, label_mapping, read_caption_json, read_class_lists,
+                               read_corel, read_label_csv, read_manifest)
 
 Arrays = dict[str, np.ndarray]
 Progress = Callable[[int], None]
@@ -45,16 +49,30 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Extract M2HSE features (AlexNet fc7 and dense-SIFT BoVW, whole "
+    p = argparse.ArgumentParser(description="Extract M2HSE features (ImageNet CNN and dense-SIFT BoVW, whole "
                                             "image and 3x3 grid) from raw images into the precomp layout.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="CSV/TSV with header image,caption,label,split (paths relative to it)")
     source.add_argument("--corel", help="Corel 5K folder or its .7z archive")
+    source.add_argument("--caption_json", help="caption file dataset_<name>.json (images[].filename, split, "
+                                               "sentences[].raw); needs --images and --class_lists or --label_csv")
+    p.add_argument("--images", help="--caption_json: folder holding the image files")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--class_lists", help="--caption_json: folder of <class>.txt, one image file name a line")
+    labels.add_argument("--label_csv", help="--caption_json: CSV with header filename,label")
+    p.add_argument("--multi_label", action="store_true",
+                   help="--caption_json: an image may have several labels; labels are written multi-hot (N, C)")
+    p.add_argument("--captions_per_image", type=_positive,
+                   help="--caption_json: keep the first K captions of each image (default: all)")
     p.add_argument("--word_list", help="Corel keyword vocabulary, one word a line (default: the dictionary file)")
     p.add_argument("--out_path", default="./data", help="writes <out>/coarse-grained-data and fine-grained-data")
-    p.add_argument("--data_name", help="dataset folder name (default corel5k_precomp, or <manifest>_precomp)")
+    p.add_argument("--data_name", help="dataset folder name (default corel5k_precomp, <manifest>_precomp, or "
+                                       "<name>_precomp for dataset_<name>.json)")
+    p.add_argument("--cnn_backbone", default="alexnet", choices=tuple(backbones.BACKBONES),
+                   help="alexnet: fc7, 4096-d (the paper's); efficientnet_lite0: pooled, 1280-d, weights installed")
     p.add_argument("--cnn_weights", default="imagenet",
-                   help="imagenet (official file, downloaded once), random (seeded, for tests) or a .pth file")
+                   help="imagenet (AlexNet: official file, downloaded once; EfficientNet-Lite0: the installed "
+                        "file), random (seeded, for tests) or a .pth state dict")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch_size", type=_positive, default=16, help="images per CNN batch (10 views each)")
     p.add_argument("--workers", type=int, default=0, help="worker processes decoding images and computing SIFT")
@@ -73,11 +91,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error(f"--workers must be 0 or more, got {args.workers}")
+    json_only = [f"--{k}" for k in ("images", "class_lists", "label_csv", "multi_label", "captions_per_image")
+                 if getattr(args, k)]
+    if args.caption_json and not (args.images and (args.class_lists or args.label_csv)):
+        p.error("--caption_json needs --images DIR and the labels: --class_lists DIR or --label_csv FILE")
+    if not args.caption_json and json_only:
+        p.error(f"{', '.join(json_only)} apply to --caption_json only")
     if args.data_name is None:
-        args.data_name = "corel5k_precomp" if args.corel else f"{Path(args.manifest).stem}_precomp"
+        args.data_name = default_data_name(args)
     if args.cache_dir is None:
         args.cache_dir = str(Path(args.out_path) / ".cache")
     return args
+
+
+def default_data_name(args: argparse.Namespace) -> str:
+    """corel5k_precomp, <manifest stem>_precomp, or <name>_precomp for dataset_<name>.json."""
+    if args.corel:
+        return "corel5k_precomp"
+    stem = Path(args.manifest or args.caption_json).stem
+    return f"{stem.removeprefix('dataset_') if args.caption_json else stem}_precomp"
 
 
 # ---------------------------------------------------------------- resumable chunked cache
@@ -155,14 +187,14 @@ def cnn_item(image, index: int) -> np.ndarray:
     return features.cnn_views(image)
 
 
-def cnn_chunk(paths: list[Path], model: features.AlexNet, device: torch.device, batch_size: int, workers: int,
+def cnn_chunk(paths: list[Path], model: torch.nn.Module, device: torch.device, batch_size: int, workers: int,
               chunk: range, progress: Progress) -> Arrays:
-    """fc7 of the whole image and of its 9 blocks: {'cnn': (n, 10, 4096)}."""
+    """Backbone features of the whole image and of its 9 blocks: {'cnn': (n, 10, width)}."""
     job = ImageJob(paths, chunk, cnn_item)
     out = []
     for views in DataLoader(job, batch_size=batch_size, num_workers=workers, collate_fn=np.stack):
-        fc7 = features.fc7_features(model, views.reshape(-1, *views.shape[2:]), device)
-        out.append(fc7.reshape(len(views), features.N_VIEWS, features.CNN_DIM))
+        vectors = features.cnn_features(model, views.reshape(-1, *views.shape[2:]), device)
+        out.append(vectors.reshape(len(views), features.N_VIEWS, -1))
         progress(len(views))
     return {"cnn": np.concatenate(out)}
 
@@ -235,17 +267,19 @@ def file_identity(path: str | Path) -> str:
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def weights_identity(weights: str, seed: int) -> str:
-    """What the CNN features depend on: the weight source."""
+def weights_identity(backbone: str, weights: str, seed: int) -> str:
+    """What the CNN features depend on: the backbone and its weight source."""
     if weights == "random":
-        return f"random(seed={seed})"
-    return features.ALEXNET_URL if weights == "imagenet" else file_identity(weights)
+        return f"{backbone} random(seed={seed})"
+    source = backbones.imagenet_source(backbone) if weights == "imagenet" else weights
+    return f"{backbone} {source if source.startswith('https:') else file_identity(source)}"
 
 
-def cnn_stage(paths: list[Path], split: str, model: features.AlexNet, device: torch.device,
+def cnn_stage(paths: list[Path], split: str, model: torch.nn.Module, device: torch.device,
               args: argparse.Namespace, cache_root: Path) -> StageCache:
-    """Cached (10, 4096) fc7 features of every image of a split."""
-    key = {"images": [str(p) for p in paths], "weights": weights_identity(args.cnn_weights, args.seed)}
+    """Cached (10, width) CNN features of every image of a split."""
+    key = {"images": [str(p) for p in paths],
+           "weights": weights_identity(args.cnn_backbone, args.cnn_weights, args.seed)}
     stage = StageCache(cache_root / split, "cnn", key, len(paths), args.chunk_size)
     stage.fill(partial(cnn_chunk, paths, model, device, args.batch_size, args.workers), f"CNN  {split:>5}")
     return stage
@@ -254,6 +288,10 @@ def cnn_stage(paths: list[Path], split: str, model: features.AlexNet, device: to
 # ---------------------------------------------------------------- inputs, outputs, summary
 
 def read_inputs(args: argparse.Namespace, cache_root: Path) -> Collection:
+    if args.caption_json:
+        labels = read_class_lists(args.class_lists) if args.class_lists else read_label_csv(args.label_csv)
+        return read_caption_json(args.caption_json, args.images, labels, args.class_lists or args.label_csv,
+                                 args.captions_per_image, args.multi_label)
     if args.manifest:
         if args.word_list:
             raise InputError("--word_list applies to --corel only")
@@ -267,6 +305,8 @@ def screen_images(items: list[Item], skip_bad: bool) -> tuple[list[Item], list[d
     """Decode every image once before any heavy work; stop on bad ones unless they are to be skipped."""
     bad = [(item, problem) for item in tqdm(items, desc="check images", unit="img", dynamic_ncols=True)
            if (problem := features.image_problem(item.image))]
+    if len(bad) == 1 and not skip_bad:
+        raise InputError(f"{bad[0][0].image}: {bad[0][1]}; fix or remove it, or pass --skip_bad_images")
     if bad and not skip_bad:
         listing = "\n".join(f"  {item.image}: {problem}" for item, problem in bad)
         raise InputError(f"{len(bad)} unusable image(s); fix or remove them, or pass --skip_bad_images:\n{listing}")
@@ -297,19 +337,31 @@ def write_views(stage: StageCache, name: str, coarse: Path, fine: Path) -> None:
 def remove_stale_splits(folders: dict[str, Path], present: dict) -> None:
     """Delete a previous run's files of splits this input lacks, so no reader mixes them with the new ones."""
     stale = [f / f"{s}_{kind}" for f in folders.values() for s in SPLITS if s not in present
-             for kind in ("caps.txt", "cnns.npy", "bovws.npy", "labels.npy")]
+             for kind in ("caps.txt", "cnns.npy", "bovws.npy", "labels.npy", "images.txt")]
     for path in (p for p in stale if p.exists()):
         print(f"removed {path}: left by an earlier run, its split is not in this input")
         path.unlink()
 
 
-def write_split(split: str, items: list[Item], labels: dict[str, int], stages: dict[str, StageCache],
-                folders: dict[str, Path]) -> None:
-    """All files of one split in both granularities."""
-    captions = "".join(item.caption + "\n" for item in items).encode("utf-8")
-    label_ids = np.array([labels[item.label] for item in items], dtype=np.int64)
+def label_array(items: list[Item], labels: dict[str, int], multi_hot: bool) -> np.ndarray:
+    """int64 label ids (N,), or multi-hot (N, C) of 0/1."""
+    if not multi_hot:
+        return np.array([labels[item.labels[0]] for item in items], dtype=np.int64)
+    array = np.zeros((len(items), len(labels)), dtype=np.int64)
+    for row, item in enumerate(items):
+        array[row, [labels[name] for name in item.labels]] = 1
+    return array
+
+
+def write_split(split: str, items: list[Item], labels: dict[str, int], multi_hot: bool,
+                stages: dict[str, StageCache], folders: dict[str, Path]) -> None:
+    """All files of one split in both granularities; the k captions of row i are caption lines k*i .. k*i+k-1."""
+    captions = "".join(caption + "\n" for item in items for caption in item.captions).encode("utf-8")
+    images = "".join(f"{item.image.absolute()}\n" for item in items).encode("utf-8")
+    label_ids = label_array(items, labels, multi_hot)
     for folder in folders.values():
         atomic_save(folder / f"{split}_caps.txt", lambda f: f.write(captions))
+        atomic_save(folder / f"{split}_images.txt", lambda f: f.write(images))
         atomic_save(folder / f"{split}_labels.npy", lambda f: np.save(f, label_ids))
     for kind, name in (("cnns", "cnn"), ("bovws", "bovw")):
         write_views(stages[name], name, folders["coarse"] / f"{split}_{kind}.npy",
@@ -317,18 +369,23 @@ def write_split(split: str, items: list[Item], labels: dict[str, int], stages: d
 
 
 def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, list[Item]],
-            labels: dict[str, int], dropped: list[dict], n_descriptors: int) -> dict:
+            labels: dict[str, int], dropped: list[dict], n_descriptors: int, cnn_width: int) -> dict:
     """Everything needed to know how the features were made."""
+    k = collection.captions_per_image
     return {
         "data_name": args.data_name,
         "source": collection.details,
-        "splits": {s: {"items": len(v), "labels": len({i.label for i in v})} for s, v in splits.items()},
-        "dims": {"cnn": features.CNN_DIM, "bovw": args.codebook_size, "grid": f"{features.GRID}x{features.GRID}",
+        "splits": {s: {"items": len(v), "captions": k * len(v), "labels": len({n for i in v for n in i.labels})}
+                   for s, v in splits.items()},
+        "captions_per_image": k,
+        "caption_rows": f"{k} caption lines per feature row: caption line j describes row j // {k}",
+        "labels": "multi-hot (N, C)" if collection.multi_label else "one class id per row (N,)",
+        "dims": {"cnn": cnn_width, "bovw": args.codebook_size, "grid": f"{features.GRID}x{features.GRID}",
                  "coarse": "(N, D)", "fine": f"(N, {features.N_BLOCKS}, D), blocks row-major from the top left"},
-        "cnn": {"weights": args.cnn_weights, "model": "AlexNet (torchvision layout)",
-                "layer": "fc7: second 4096-d fully connected layer after its ReLU, eval mode",
+        "cnn": {"backbone": args.cnn_backbone, "weights": args.cnn_weights,
+                **backbones.BACKBONES[args.cnn_backbone].SUMMARY,
                 "input": f"whole image and each block resized to {features.CNN_SIZE}x{features.CNN_SIZE} "
-                         "(PIL bilinear), RGB, ImageNet mean/std"},
+                         "(PIL bilinear), RGB"},
         "bovw": {"descriptor": "OpenCV SIFT on a dense keypoint grid of the grey image",
                  "sift_step": args.sift_step, "sift_size": args.sift_size,
                  "codebook": f"MiniBatchKMeans, seed {args.seed}, on {n_descriptors} descriptors of the train split",
@@ -342,13 +399,14 @@ def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, 
     }
 
 
-def build_model(args: argparse.Namespace) -> tuple[features.AlexNet, torch.device]:
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, torch.device]:
+    """The CNN backbone on its device, and its feature width."""
     device = resolve_device(args.device)
     try:
-        model = features.build_alexnet(args.cnn_weights, args.seed)
+        model, width = backbones.build_backbone(args.cnn_backbone, args.cnn_weights, args.seed)
     except ValueError as err:
         raise InputError(str(err)) from None
-    return model.to(device), device
+    return model.to(device), width, device
 
 
 @report_errors
@@ -362,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = {s: [i for i in items if i.split == s] for s in SPLITS if any(i.split == s for i in items)}
     if "train" not in splits:
         raise InputError("no usable train items: the BoVW codebook is fitted on the train split")
-    labels = label_mapping([i.label for i in items])
-    model, device = build_model(args)
+    labels = label_mapping([name for i in items for name in i.labels])
+    model, cnn_width, device = build_model(args)
     paths = {s: [i.image for i in v] for s, v in splits.items()}
 
     codebook, n_descriptors = codebook_for(paths["train"], args, cache_root)
@@ -372,12 +430,12 @@ def main(argv: list[str] | None = None) -> None:
         stages[s]["cnn"] = cnn_stage(p, s, model, device, args, cache_root)
 
     folders = {g: Path(args.out_path) / f"{g}-grained-data" / args.data_name for g in ("coarse", "fine")}
-    info = summary(args, collection, splits, labels, collection.dropped + bad, n_descriptors)
+    info = summary(args, collection, splits, labels, collection.dropped + bad, n_descriptors, cnn_width)
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     remove_stale_splits(folders, splits)
     for s, v in splits.items():
-        write_split(s, v, labels, stages[s], folders)
+        write_split(s, v, labels, collection.multi_label, stages[s], folders)
     for folder in folders.values():  # written last: a summary means the folder is complete
         atomic_save(folder / "codebook.npy", lambda f: np.save(f, codebook))
         atomic_save(folder / "summary.json", lambda f: f.write(json.dumps(info, indent=2).encode("utf-8")))

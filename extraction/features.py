@@ -1,8 +1,8 @@
-"""Visual features from raw images (SPEC section 8): AlexNet fc7 and a dense-SIFT bag of visual words,
-each for the whole image and for every block of a uniform 3x3 grid (row-major, top-left first)."""
+"""Visual features from raw images (SPEC section 8): CNN features (a backbone of extraction/backbones.py) and a
+dense-SIFT bag of visual words, each for the whole image and for every block of a uniform 3x3 grid (row-major,
+top-left first)."""
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 import cv2
@@ -15,12 +15,8 @@ from torch import nn
 GRID = 3
 N_BLOCKS = GRID * GRID
 N_VIEWS = 1 + N_BLOCKS  # the whole image, then the blocks
-CNN_DIM = 4096
 CNN_SIZE = 224
 SIFT_DIM = 128
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 Box = tuple[int, int, int, int]
 
@@ -62,89 +58,27 @@ def block_of_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
     return rows * GRID + cols
 
 
-# ---------------------------------------------------------------- CNN: AlexNet fc7
-
-class AlexNet(nn.Module):
-    """AlexNet with torchvision's module names, so the official ImageNet weight file loads strictly."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=0.5), nn.Linear(256 * 6 * 6, CNN_DIM), nn.ReLU(inplace=True),
-            nn.Dropout(p=0.5), nn.Linear(CNN_DIM, CNN_DIM), nn.ReLU(inplace=True),
-            nn.Linear(CNN_DIM, num_classes),
-        )
-
-    def fc7(self, x: torch.Tensor) -> torch.Tensor:
-        """Second 4096-d fully connected layer after its ReLU (classifier[:6])."""
-        x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier[:6](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier[6](self.fc7(x))
-
-
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    try:
-        return torch.hub.load_state_dict_from_url(ALEXNET_URL, progress=True, check_hash=True,
-                                                  weights_only=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as err:  # offline, refused, or a corrupt download
-        raise ValueError(f"could not download the ImageNet AlexNet weights ({err}); offline? download "
-                         f"{ALEXNET_URL} elsewhere and pass the file: --cnn_weights alexnet-owt-7be5be79.pth") from None
-
-
-def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: CNN weight file not found (--cnn_weights takes imagenet, random or a file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and format errors alike: the file is not a plain state dict
-        raise ValueError(f"{path}: not a loadable state dict ({err})") from None
-
-
-def build_alexnet(weights: str, seed: int = 0) -> AlexNet:
-    """AlexNet in eval mode; weights: 'imagenet' (official file, downloaded once), 'random' (seeded) or a path."""
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation that leaves the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = AlexNet()
-    if weights != "random":
-        state = _imagenet_state_dict() if weights == "imagenet" else _file_state_dict(weights)
-        try:
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, AttributeError, TypeError) as err:
-            raise ValueError(f"{weights}: not torchvision AlexNet weights ({str(err).splitlines()[0]})") from None
-    return model.eval()
-
+# ---------------------------------------------------------------- CNN views and features
 
 def cnn_tensor(image: Image.Image) -> np.ndarray:
-    """One image resized to 224x224 (PIL bilinear), as a (3, 224, 224) ImageNet-normalised float32 array."""
-    pixels = np.asarray(image.resize((CNN_SIZE, CNN_SIZE), Image.BILINEAR), dtype=np.float32) / 255.0
-    # numpy, not torch: small tensor ops pay for thread start-up in every data-loading call
-    normalised = (pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+    """One image resized to 224x224 (PIL bilinear), as a (3, 224, 224) uint8 array (normalised later, in batches)."""
+    pixels = np.asarray(image.resize((CNN_SIZE, CNN_SIZE), Image.BILINEAR), dtype=np.uint8)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def cnn_views(image: Image.Image) -> np.ndarray:
-    """(10, 3, 224, 224): the whole image, then each grid block cut out and resized alone."""
+    """(10, 3, 224, 224) uint8: the whole image, then each grid block cut out and resized alone."""
     views = [image] + [image.crop(box) for box in grid_boxes(*image.size)]
     return np.stack([cnn_tensor(view) for view in views])
 
 
-@torch.no_grad()
-def fc7_features(model: AlexNet, batch: np.ndarray, device: torch.device) -> np.ndarray:
-    """fc7 of a (M, 3, 224, 224) float32 batch as float32 (M, 4096)."""
-    return model.fc7(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+@torch.inference_mode()
+def cnn_features(model: nn.Module, batch: np.ndarray, device: torch.device) -> np.ndarray:
+    """Backbone features of a (M, 3, 224, 224) uint8 batch as float32 (M, width)."""
+    pixels = torch.from_numpy(batch).to(device).float().div_(255.0)
+    mean = torch.tensor(model.MEAN, device=device).reshape(1, 3, 1, 1)
+    std = torch.tensor(model.STD, device=device).reshape(1, 3, 1, 1)
+    return model.embed((pixels - mean) / std).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- BoVW: dense SIFT, codebook, histograms

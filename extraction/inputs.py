@@ -1,12 +1,15 @@
-"""Readers of raw labelled image-text collections for prepare_data.py: a generic manifest (CSV or TSV)
-and the Corel 5K archive (folder or .7z). Each reader returns the items to extract, split by split."""
+"""Readers of raw labelled image-text collections for prepare_data.py: a generic manifest (CSV or TSV), the
+Corel 5K archive (folder or .7z) and the standard caption file dataset_<name>.json with class labels.
+Each reader returns the items to extract, split by split."""
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +24,24 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Item:
-    """One image-text pair: the image file, its caption, its category and its split."""
+    """One image with its captions (the same number for every item of a collection), categories and split."""
     image: Path
-    caption: str
-    label: str
+    captions: tuple[str, ...]
+    labels: tuple[str, ...]
     split: str
 
 
 @dataclass
 class Collection:
-    """What a reader found: the items, what it dropped and why, and facts for the summary."""
+    """What a reader found: the items, what it dropped and why, and facts for the summary.
+
+    multi_label: labels are written multi-hot (N, C), else one category per item (N,).
+    """
     items: list[Item]
     dropped: list[dict] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    captions_per_image: int = 1
+    multi_label: bool = False
 
 
 def one_line(text: str) -> str:
@@ -87,7 +95,7 @@ def _manifest_item(path: Path, line: int, row: dict[str, str]) -> Item:
         raise InputError(f"{path}: row {line}: unknown split '{values['split']}' (use {', '.join(SPLITS)})")
     image = Path(values["image"])
     return Item(image if image.is_absolute() else path.parent / image,
-                one_line(values["caption"]), values["label"], values["split"])
+                (one_line(values["caption"]),), (values["label"],), values["split"])
 
 
 # ---------------------------------------------------------------- Corel 5K: locating the files
@@ -288,8 +296,130 @@ def read_corel(path: str | Path, unpack_to: Path, word_list: str | None = None) 
             kept = [w for w in words if w in allowed]
             rel = image.relative_to(corel.root).as_posix()
             if kept:
-                collection.items.append(Item(image, " ".join(kept), image.parent.name, split))
+                collection.items.append(Item(image, (" ".join(kept),), (image.parent.name,), split))
             else:
                 collection.dropped.append({"split": split, "image": rel, "keywords": words,
                                            "reason": "no keyword in the word list"})
     return collection
+
+
+# ---------------------------------------------------------------- caption file dataset_<name>.json and labels
+
+JSON_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}  # restval: COCO's extra train
+LABEL_CSV_COLUMNS = ("filename", "label")
+
+
+def read_class_lists(folder: str | Path) -> dict[str, list[str]]:
+    """Image file name -> its classes, from a folder of <class>.txt files listing one image file name a line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: class-list folder not found")
+    lists = sorted(folder.glob("*.txt"))
+    if not lists:
+        raise InputError(f"{folder}: no class lists (<class>.txt files, one image file name a line)")
+    classes: dict[str, list[str]] = {}
+    for path in lists:
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+        for name in (Path(line.strip()).name for line in lines if line.strip()):
+            names = classes.setdefault(name, [])
+            if path.stem not in names:
+                names.append(path.stem)
+    return classes
+
+
+def read_label_csv(path: str | Path) -> dict[str, list[str]]:
+    """Image file name -> its labels, from a CSV with header filename,label (one row per image and label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: label file not found")
+    columns, rows = _manifest_rows(path)
+    if any(c not in columns for c in LABEL_CSV_COLUMNS):
+        raise InputError(f"{path}: the header must name {','.join(LABEL_CSV_COLUMNS)}; "
+                         f"found {','.join(columns) or 'none'}")
+    labels: dict[str, list[str]] = {}
+    for line, row in enumerate(rows, 2):
+        name, label = (Path((row.get("filename") or "").strip()).name, (row.get("label") or "").strip())
+        if not name or not label:
+            raise InputError(f"{path}: row {line}: empty '{'filename' if not name else 'label'}'")
+        if label not in labels.setdefault(name, []):
+            labels[name].append(label)
+    return labels
+
+
+def _load_caption_json(path: Path) -> list:
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+        raise InputError(f"{path}: expected {{\"images\": [...]}} with one entry per image (dataset_<name>.json)")
+    return data["images"]
+
+
+def _json_entry(path: Path, number: int, entry: object) -> tuple[str, Path, list[str], str]:
+    """File name, image path relative to the image folder, captions and split of one images[] entry."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not entry["filename"].strip():
+        raise InputError(f"{path}: images[{number}] has no 'filename'")
+    name = entry["filename"].strip()
+    if entry.get("split") not in JSON_SPLITS:
+        raise InputError(f"{path}: {name}: unknown split {entry.get('split')!r} (use train, val or test)")
+    sentences = entry.get("sentences")
+    if not isinstance(sentences, list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                                                  for s in sentences):
+        raise InputError(f"{path}: {name}: 'sentences' must be a list of {{\"raw\": caption}}")
+    captions = [one_line(s["raw"]) for s in sentences]
+    if "" in captions:
+        raise InputError(f"{path}: {name}: sentence {captions.index('')} is empty")
+    relative = Path(entry.get("filepath") or "") / name  # COCO keeps the image's sub-folder in 'filepath'
+    return name, relative, captions, JSON_SPLITS[entry["split"]]
+
+
+def _captions_per_image(path: Path, counts: dict[str, int], wanted: int | None) -> int:
+    """K: `wanted`, or every caption when all images have the same number of them."""
+    fewest = min(counts, key=counts.get)
+    if counts[fewest] == 0:
+        raise InputError(f"{path}: {fewest} has no caption")
+    if wanted is None and counts[fewest] != max(counts.values()):
+        raise InputError(f"{path}: images have {counts[fewest]} to {max(counts.values())} captions ({fewest}: "
+                         f"{counts[fewest]}); pass --captions_per_image K to keep the first K of each")
+    if wanted is not None and counts[fewest] < wanted:
+        raise InputError(f"{path}: {fewest} has {counts[fewest]} captions, fewer than --captions_per_image {wanted}")
+    return wanted or counts[fewest]
+
+
+def read_caption_json(path: str | Path, images: str | Path, labels: dict[str, list[str]], label_source: str,
+                      captions_per_image: int | None = None, multi_label: bool = False) -> Collection:
+    """Items of a dataset_<name>.json caption file (images[].filename, split, sentences[].raw).
+
+    split val becomes dev; every image keeps its first K captions (default: all, which must then be as many
+    for every image). labels maps image file names to classes (read_class_lists or read_label_csv); an image
+    with no label, or with several unless multi_label, stops the run, as does a split with no image.
+    """
+    path, images = Path(path), Path(images)
+    entries = [_json_entry(path, n, e) for n, e in enumerate(_load_caption_json(path))]
+    twice = next((r for r, n in Counter(e[1] for e in entries).items() if n > 1), None)
+    if twice is not None:
+        raise InputError(f"{path}: {twice} is listed twice")
+    k = _captions_per_image(path, {name: len(captions) for name, _, captions, _ in entries}, captions_per_image)
+    items = [Item(images / relative, tuple(captions[:k]),
+                  _labels_of(Path(name).name, labels, label_source, multi_label), split)
+             for name, relative, captions, split in entries]
+    for split, json_name in (("train", "train"), ("dev", "val"), ("test", "test")):
+        if not any(item.split == split for item in items):
+            raise InputError(f"{path}: no images in split '{json_name}'; train, val and test all need images")
+    details = {"caption_json": str(path.resolve()), "images": str(images.resolve()), "labels": label_source,
+               "json_splits": {s: sum(e[3] == s for e in entries) for s in SPLITS}}
+    return Collection(items, details=details, captions_per_image=k, multi_label=multi_label)
+
+
+def _labels_of(name: str, labels: dict[str, list[str]], source: str, multi_label: bool) -> tuple[str, ...]:
+    found = labels.get(name, [])
+    if not found:
+        raise InputError(f"{source}: no label for {name} (every image needs one)")
+    if len(found) > 1 and not multi_label:
+        raise InputError(f"{source}: {name} has {len(found)} labels ({', '.join(found)}); "
+                         "pass --multi_label if an image may have several")
+    return tuple(found)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -55,3 +56,25 @@ def write_manifest(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def make_caption_json(folder: Path, per_split: dict[str, int], captions: int = 3, seed: int = 0) -> dict[str, Path]:
+    """A dataset_toy.json caption file (splits train / val / test), its flat image folder and a folder of
+    class lists (<label>.txt, one image file name a line); categories cycle within each split."""
+    images, lists = folder / "images", folder / "classes"
+    images.mkdir(parents=True, exist_ok=True)
+    lists.mkdir(parents=True, exist_ok=True)
+    entries, members, labels = [], {label: [] for label in CATEGORIES}, list(CATEGORIES)
+    for split, count in per_split.items():
+        for k in range(count):
+            label, name = labels[k % len(labels)], f"{split}_{k:03d}.png"
+            draw_image(label, seed * 1000 + len(entries)).save(images / name)
+            members[label].append(name)
+            sentences = [{"raw": f"{CATEGORIES[label][1]}\n number {len(entries)} take {j}", "sentid": j}
+                         for j in range(captions)]
+            entries.append({"filename": name, "imgid": len(entries), "split": split, "sentences": sentences})
+    for label, names in members.items():
+        (lists / f"{label}.txt").write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    caption_json = folder / "dataset_toy.json"
+    caption_json.write_text(json.dumps({"images": entries, "dataset": "toy"}), encoding="utf-8")
+    return {"json": caption_json, "images": images, "classes": lists}

@@ -1,7 +1,7 @@
 """Feature preparation from raw images (prepare_data.py, extraction/) on small generated data.
 
-Only one full run uses the (randomly initialised) AlexNet, which is slow on a CPU; the other end-to-end
-runs swap in a cheap stand-in for fc7, since what they check (inputs, caching, BoVW, codebook, errors)
+Only two full runs use a real (randomly initialised) backbone, which is slow on a CPU; the other end-to-end
+runs swap in a cheap stand-in for the CNN, since what they check (inputs, caching, BoVW, codebook, errors)
 does not depend on it.
 """
 from __future__ import annotations
@@ -19,11 +19,13 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from extraction import features
+from data import load_features, load_labels
+from errors import InputError
+from extraction import backbones, features
 import prepare_data
 from extraction.inputs import label_mapping, read_corel, read_manifest
 
-from tests._images import draw_image, make_collection, write_manifest
+from tests._images import draw_image, make_caption_json, make_collection, write_manifest
 from tests.conftest import run_script
 
 NAME = "toy_precomp"
@@ -54,14 +56,14 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files if p.name != "summary.json"}
 
 
-def fake_fc7(model, batch: np.ndarray, device) -> np.ndarray:
-    """Cheap stand-in for AlexNet fc7: per-view channel means, tiled to 4096 values."""
-    return np.tile(batch.mean(axis=(2, 3)), (1, features.CNN_DIM // 3 + 1))[:, :features.CNN_DIM]
+def fake_cnn(model, batch: np.ndarray, device) -> np.ndarray:
+    """Cheap stand-in for the backbone: per-view channel means, tiled to the backbone's width."""
+    return np.tile(batch.mean(axis=(2, 3)), (1, model.WIDTH // 3 + 1))[:, :model.WIDTH].astype(np.float32)
 
 
 @pytest.fixture
 def cheap_cnn(monkeypatch):
-    monkeypatch.setattr(features, "fc7_features", fake_fc7)
+    monkeypatch.setattr(features, "cnn_features", fake_cnn)
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +75,88 @@ def toy(tmp_path_factory) -> dict:
     return {"manifest": manifest, "out": base / "out"}
 
 
-# ---------------------------------------------------------------- AlexNet
+# ---------------------------------------------------------------- backbones
 
 def test_alexnet_module_names_match_torchvision(tmp_path):
-    assert list(features.AlexNet().state_dict()) == TORCHVISION_ALEXNET_KEYS
-    reference = features.AlexNet()
+    assert list(backbones.AlexNet().state_dict()) == TORCHVISION_ALEXNET_KEYS
+    reference = backbones.AlexNet()
     state = {k: torch.full_like(v, i) for i, (k, v) in enumerate(reference.state_dict().items())}
     torch.save(state, tmp_path / "alexnet.pth")
-    model = features.build_alexnet(str(tmp_path / "alexnet.pth"))
-    assert not model.training
+    model, width = backbones.build_backbone("alexnet", str(tmp_path / "alexnet.pth"))
+    assert not model.training and width == 4096
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
 
 
 def test_fc7_is_second_linear_after_relu():
-    model = features.build_alexnet("random", seed=1)
+    model, _ = backbones.build_backbone("alexnet", "random", seed=1)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         pooled = torch.flatten(model.avgpool(model.features(x)), 1)
         expected = torch.relu(model.classifier[4](torch.relu(model.classifier[1](pooled))))
-        assert torch.allclose(model.fc7(x), expected)
-    assert torch.equal(features.build_alexnet("random", seed=1).features[0].weight, model.features[0].weight)
+        assert torch.allclose(model.embed(x), expected)
+    again, _ = backbones.build_backbone("alexnet", "random", seed=1)
+    assert torch.equal(again.features[0].weight, model.features[0].weight)
+
+
+def test_cnn_features_normalise_uint8_pixels_with_the_backbone_statistics():
+    model, _ = backbones.build_backbone("alexnet", "random", seed=2)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    mean, std = np.array(backbones.IMAGENET_MEAN), np.array(backbones.IMAGENET_STD)
+    normalised = (pixels / 255.0 - mean[:, None, None]) / std[:, None, None]
+    with torch.no_grad():
+        expected = model.fc7(torch.from_numpy(normalised).float()).numpy()
+    np.testing.assert_allclose(features.cnn_features(model, pixels, torch.device("cpu")), expected, atol=1e-5)
+
+
+def random_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Give every batch norm non-trivial statistics and affine parameters, so folding them is really tested."""
+    gen = torch.Generator().manual_seed(0)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():
+            for tensor, low, high in ((norm.running_mean, -0.5, 0.5), (norm.running_var, 0.5, 2.0),
+                                      (norm.weight, 0.5, 1.5), (norm.bias, -0.2, 0.2)):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * (high - low) + low)
+
+
+def test_fused_efficientnet_equals_the_unfused_network_in_float64():
+    model = backbones.EfficientNetLite0().eval()
+    random_batch_norm_statistics(model)
+    model = model.double()
+    fused = model.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    pads = [m for m in fused.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert len(pads) == 5  # only the stride-2 convolutions keep TensorFlow's asymmetric 'same' padding
+    # a small input keeps float64 fast; both networks pad exactly as for 224 x 224, so they still must agree
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch.flatten(model._avg_pooling(model.extract_features(x)), 1)  # the package's own forward
+        assert expected.shape == (1, 1280) and expected.abs().max() > 0.1
+        torch.testing.assert_close(fused.embed(x), expected, rtol=0, atol=1e-6)
+
+
+def test_efficientnet_imagenet_weights_load_offline_and_classify():
+    path = Path(backbones.imagenet_source("efficientnet_lite0"))
+    assert path.is_file()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbones.EfficientNetLite0().load_state_dict(state, strict=True)  # raises on any missing or extra key
+    model, width = backbones.build_backbone("efficientnet_lite0", "imagenet")
+    assert width == 1280
+    views = features.cnn_views(draw_image("circles", 0, size=(96, 96)))
+    pixels = torch.from_numpy(views).float() / 255.0
+    mean, std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in (model.MEAN, model.STD))
+    with torch.no_grad():
+        probabilities = model((pixels - mean) / std).softmax(dim=1)
+    assert probabilities.shape == (10, 1000) and torch.isfinite(probabilities).all()
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(10))
+    assert probabilities.max(dim=1).values.min() > 0.01  # trained weights: far from the uniform 0.001
+    vectors = features.cnn_features(model, views, torch.device("cpu"))
+    assert vectors.shape == (10, 1280) and vectors.min() >= 0 and vectors.max() <= 6  # pooled ReLU6
+
+
+def test_cache_key_depends_on_the_backbone():
+    keys = {prepare_data.weights_identity(b, w, 0) for b in backbones.BACKBONES for w in ("random", "imagenet")}
+    assert len(keys) == 4
 
 
 def test_offline_imagenet_download_says_to_pass_a_file(monkeypatch, tmp_path, capsys):
@@ -106,12 +169,14 @@ def test_offline_imagenet_download_says_to_pass_a_file(monkeypatch, tmp_path, ca
                            "--codebook_size", "8", "--cnn_weights", "imagenet"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--cnn_weights" in err and "alexnet-owt-7be5be79.pth" in err and "Traceback" not in err
+    assert "--cnn_backbone efficientnet_lite0" in err
 
 
-def test_weight_file_that_is_not_alexnet_is_refused(tmp_path):
+@pytest.mark.parametrize("backbone", list(backbones.BACKBONES))
+def test_weight_file_of_another_network_is_refused(tmp_path, backbone):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not torchvision AlexNet weights"):
-        features.build_alexnet(str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match=f"not {backbone} weights"):
+        backbones.build_backbone(backbone, str(tmp_path / "other.pth"))
 
 
 # ---------------------------------------------------------------- grid and BoVW
@@ -159,7 +224,11 @@ def test_output_files_shapes_dtypes_and_summary(toy):
             assert len((d / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()) == n
     summary = json.loads((folder(toy["out"]) / "summary.json").read_text())
     assert summary["label_mapping"] == {"circles": 0, "squares": 1, "stripes": 2}
-    assert summary["cnn"]["weights"] == "random"
+    assert summary["cnn"]["weights"] == "random" and summary["cnn"]["backbone"] == "alexnet"
+    assert summary["dims"]["cnn"] == 4096 and summary["captions_per_image"] == 1
+    listed = [toy["manifest"].parent / line.split(",")[0] for line in toy["manifest"].read_text().splitlines()[1:]
+              if line.endswith(",dev")]
+    assert (folder(toy["out"], "fine") / "dev_images.txt").read_text().splitlines() == [str(p) for p in listed]
     assert {s: v["items"] for s, v in summary["splits"].items()} == SPLIT_SIZES
     assert np.load(folder(toy["out"]) / "codebook.npy").shape == (8, 128)
     assert not (toy["out"] / ".cache").exists()
@@ -171,10 +240,10 @@ def test_block_feature_equals_block_extracted_alone(toy):
     fine = np.load(folder(toy["out"], "fine") / "dev_cnns.npy")
     rows = [r for r in (toy["manifest"].read_text().splitlines()[1:]) if r.endswith(",dev")]
     image = features.load_rgb(toy["manifest"].parent / rows[1].split(",")[0])
-    model = features.build_alexnet("random", seed=3)
+    model, _ = backbones.build_backbone("alexnet", "random", seed=3)
     for block in (0, 4, 8):
         alone = image.crop(features.grid_boxes(*image.size)[block])
-        vector = features.fc7_features(model, features.cnn_tensor(alone)[None], torch.device("cpu"))[0]
+        vector = features.cnn_features(model, features.cnn_tensor(alone)[None], torch.device("cpu"))[0]
         np.testing.assert_allclose(fine[1, block], vector, atol=1e-5, rtol=0)
 
 
@@ -185,7 +254,7 @@ def cheap(tmp_path_factory) -> dict:
     rows = make_collection(base / "images", SPLIT_SIZES, seed=1)
     manifest = write_manifest(base / "images" / "m.tsv", rows, delimiter="\t")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(features, "fc7_features", fake_fc7)
+        patch.setattr(features, "cnn_features", fake_cnn)
         run(manifest, base / "out")
     return {"manifest": manifest, "out": base / "out", "rows": rows}
 
@@ -205,23 +274,23 @@ def test_interrupted_run_resumes_without_recomputing(cheap, tmp_path, monkeypatc
     calls = {"cnn": 0, "sift": 0}
     real_sift = features.dense_sift
 
-    def counting_fc7(model, batch, device, stop_after=None):
+    def counting_cnn(model, batch, device, stop_after=None):
         if stop_after is not None and calls["cnn"] >= stop_after:
             raise KeyboardInterrupt
         calls["cnn"] += len(batch) // features.N_VIEWS
-        return fake_fc7(model, batch, device)
+        return fake_cnn(model, batch, device)
 
     def counting_sift(*args, **kwargs):
         calls["sift"] += 1
         return real_sift(*args, **kwargs)
 
-    monkeypatch.setattr(features, "fc7_features", partial(counting_fc7, stop_after=4))
+    monkeypatch.setattr(features, "cnn_features", partial(counting_cnn, stop_after=4))
     with pytest.raises(KeyboardInterrupt):
         run(cheap["manifest"], tmp_path / "out")
     assert list((tmp_path / "out" / ".cache").rglob("part-*.npz")) and not folder(tmp_path / "out").exists()
 
     calls["cnn"] = 0
-    monkeypatch.setattr(features, "fc7_features", counting_fc7)
+    monkeypatch.setattr(features, "cnn_features", counting_cnn)
     monkeypatch.setattr(features, "dense_sift", counting_sift)
     run(cheap["manifest"], tmp_path / "out")
     assert calls == {"cnn": sum(SPLIT_SIZES.values()) - 4, "sift": 0}  # BoVW had finished before the stop
@@ -301,9 +370,9 @@ def test_manifest_quoted_captions_and_relative_paths(tmp_path):
     manifest.write_text('image,caption,label,split\nimg/a.png,"a cat,\non a mat",7,train\n/abs/b.png,dog,10,dev\n',
                         encoding="utf-8")
     items = read_manifest(manifest).items
-    assert [(i.image, i.caption, i.label, i.split) for i in items] == [
-        (tmp_path / "sub" / "img" / "a.png", "a cat, on a mat", "7", "train"),
-        (Path("/abs/b.png"), "dog", "10", "dev")]
+    assert [(i.image, i.captions, i.labels, i.split) for i in items] == [
+        (tmp_path / "sub" / "img" / "a.png", ("a cat, on a mat",), ("7",), "train"),
+        (Path("/abs/b.png"), ("dog",), ("10",), "dev")]
 
 
 # ---------------------------------------------------------------- Corel 5K layout
@@ -353,14 +422,14 @@ def test_corel_annotation_formats(tmp_path, annotation):
     assert [len(v) for v in by_split.values()] == [8, 3]
     assert [d["image"] for d in collection.dropped] == ["2000/2003.jpeg"]
     item = next(i for i in by_split["train"] if i.image.name == "2001.jpeg")
-    assert (item.caption, item.label) == ("tree grass bird", "2000")
+    assert (item.captions, item.labels) == (("tree grass bird",), ("2000",))
 
 
 def test_corel_word_list_restricts_keywords(tmp_path):
     make_corel(tmp_path / "c", "mat")
     (tmp_path / "words.txt").write_text("sky\ntree\n")
     collection = read_corel(tmp_path / "c", tmp_path / "unused", str(tmp_path / "words.txt"))
-    assert {i.caption for i in collection.items} == {"sky", "tree"}
+    assert {i.captions for i in collection.items} == {("sky",), ("tree",)}
     assert len(collection.dropped) == 1 + 4  # 2000/2003 and the four 10000 images (water only)
 
 
@@ -370,7 +439,7 @@ def corel(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("corel")
     make_corel(base / "Corel5k", "mat")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(features, "fc7_features", fake_fc7)
+        patch.setattr(features, "cnn_features", fake_cnn)
         run(base / "Corel5k", base / "out", source="--corel")
     return {"out": base / "out"}
 
@@ -393,7 +462,13 @@ def test_corel_7z_archive_gives_the_same_files(corel, cheap_cnn, tmp_path, capsy
         archive.writeall(tmp_path / "src" / "Corel5k", arcname="Corel5k")
     run(tmp_path / "Corel5K.7z", tmp_path / "out", source="--corel")
     assert "dropped train 2000/2003.jpeg" in capsys.readouterr().out
-    assert output_files(tmp_path / "out") == output_files(corel["out"])
+    from_archive, from_folder = output_files(tmp_path / "out"), output_files(corel["out"])
+    listed = [name for name in from_folder if name.endswith("_images.txt")]
+    for name in listed:  # the archive's images are listed where it was unpacked, inside the cache
+        tails = [[Path(line).parts[-2:] for line in files.pop(name).decode().splitlines()]
+                 for files in (from_archive, from_folder)]
+        assert tails[0] == tails[1] and tails[0]
+    assert len(listed) == 4 and from_archive == from_folder
     assert not (tmp_path / "out" / ".cache").exists()
 
 
@@ -423,3 +498,129 @@ def test_training_scripts_run_one_epoch_on_the_output(toy, tmp_path):
         script(name, "--data_path", str(out / f"{granularity}-grained-data"), "--data_name", NAME,
                "--vocab_path", vocab, "--logger_name", run_dir, "--model_name", run_dir, "--num_epochs", "1",
                "--batch_size", "8", "--device", "cpu", "--cnn_dim", "4096", "--bovw_dim", "8")
+
+
+# ---------------------------------------------------------------- caption file dataset_<name>.json
+
+JSON_SIZES = {"train": 6, "val": 3, "test": 3}
+JSON_SPLITS = {"train": "train", "dev": "val", "test": "test"}
+
+
+def run_json(made: dict, out: Path, *extra: str, labels: tuple[str, ...] | None = None) -> None:
+    labels = labels or ("--class_lists", str(made["classes"]))
+    prepare_data.main(["--caption_json", str(made["json"]), "--images", str(made["images"]), *labels,
+                       "--out_path", str(out), "--data_name", NAME, *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> dict:
+    """A generated dataset_toy.json (3 captions per image) with class lists, and one run with the stand-in CNN."""
+    base = tmp_path_factory.mktemp("json")
+    made = make_caption_json(base, JSON_SIZES, captions=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "cnn_features", fake_cnn)
+        run_json(made, base / "out")
+    return {**made, "out": base / "out", "entries": json.loads(made["json"].read_text())["images"]}
+
+
+def test_caption_json_writes_k_captions_per_feature_row(captioned):
+    for split, json_split in JSON_SPLITS.items():
+        entries = [e for e in captioned["entries"] if e["split"] == json_split]
+        for granularity in ("coarse", "fine"):
+            d = folder(captioned["out"], granularity)
+            captions = (d / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
+            assert len(captions) == 3 * len(entries) == 3 * len(np.load(d / f"{split}_cnns.npy"))
+            for j, caption in enumerate(captions):  # caption j describes feature row j // 3
+                assert caption == " ".join(entries[j // 3]["sentences"][j % 3]["raw"].split())
+            images = (d / f"{split}_images.txt").read_text(encoding="utf-8").splitlines()
+            assert images == [str(captioned["images"] / e["filename"]) for e in entries]
+            labels = np.load(d / f"{split}_labels.npy")
+            assert labels.shape == (len(entries),)
+            assert labels.tolist() == [k % 3 for k in range(len(entries))]  # circles, squares, stripes in turn
+    summary = json.loads((folder(captioned["out"]) / "summary.json").read_text())
+    assert summary["captions_per_image"] == 3 and summary["splits"]["dev"] == {"items": 3, "captions": 9, "labels": 3}
+
+
+def test_captions_per_image_keeps_the_first_k(captioned, cheap_cnn, tmp_path):
+    run_json(captioned, tmp_path / "out", "--captions_per_image", "2")
+    captions = (folder(tmp_path / "out") / "train_caps.txt").read_text(encoding="utf-8").splitlines()
+    entries = [e for e in captioned["entries"] if e["split"] == "train"]
+    assert captions == [" ".join(e["sentences"][j]["raw"].split()) for e in entries for j in range(2)]
+
+
+def test_label_csv_gives_the_same_labels_as_class_lists(captioned, cheap_cnn, tmp_path):
+    rows = [f"{name},{path.stem}" for path in sorted(captioned["classes"].glob("*.txt"))
+            for name in path.read_text().split()]
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    run_json(captioned, tmp_path / "out", labels=("--label_csv", str(tmp_path / "labels.csv")))
+    assert output_files(tmp_path / "out") == output_files(captioned["out"])
+
+
+def test_multi_label_class_lists_give_multi_hot_labels(captioned, cheap_cnn, tmp_path):
+    shutil.copytree(captioned["classes"], tmp_path / "classes")
+    (tmp_path / "classes" / "round.txt").write_text("train_000.png\ntest_001.png\n")
+    made = {**captioned, "classes": tmp_path / "classes"}
+    run_json(made, tmp_path / "out", "--multi_label")
+    labels = load_labels(str(folder(tmp_path / "out") / "train_labels.npy"))
+    assert labels.shape == (6, 4)  # classes circles, round, squares, stripes
+    assert labels[0].tolist() == [1, 1, 0, 0] and labels[1].tolist() == [0, 0, 1, 0]
+    assert load_labels(str(folder(tmp_path / "out") / "test_labels.npy"))[1].tolist() == [0, 1, 1, 0]
+
+
+def _drop_entry(made: dict, name: str) -> None:
+    data = json.loads(made["json"].read_text())
+    data["images"] = [e for e in data["images"] if e["filename"] != name]
+    made["json"].write_text(json.dumps(data))
+
+
+def _edit_entry(made: dict, name: str, **changes) -> None:
+    data = json.loads(made["json"].read_text())
+    next(e for e in data["images"] if e["filename"] == name).update(changes)
+    made["json"].write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("break_it, extra, message", [
+    (lambda m: (m["images"] / "val_001.png").unlink(), (), "val_001.png: missing"),
+    (lambda m: (m["classes"] / "circles.txt").write_text("train_000.png\n"), (), "no label for train_003.png"),
+    (lambda m: (m["classes"] / "extra.txt").write_text("test_002.png\n"), (), "test_002.png has 2 labels"),
+    (lambda m: [_drop_entry(m, f"test_{k:03d}.png") for k in range(3)], (), "no images in split 'test'"),
+    (lambda m: _edit_entry(m, "val_002.png", sentences=[{"raw": "one"}]), (), "have 1 to 3 captions (val_002.png: 1)"),
+    (lambda m: _edit_entry(m, "val_002.png", sentences=[{"raw": "one"}]), ("--captions_per_image", "2"),
+     "val_002.png has 1 captions, fewer than --captions_per_image 2"),
+    (lambda m: _edit_entry(m, "train_001.png", split="holdout"), (), "unknown split 'holdout'"),
+    (lambda m: _edit_entry(m, "train_001.png", sentences=[{"raw": " "}] * 3), (), "sentence 0 is empty"),
+])
+def test_bad_caption_json_input_is_one_line_naming_it(tmp_path, capsys, break_it, extra, message):
+    made = make_caption_json(tmp_path, JSON_SIZES, captions=3)
+    break_it(made)
+    with pytest.raises(SystemExit):
+        run_json(made, tmp_path / "out", *extra)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and err.rstrip().endswith(errors[0]) and "Traceback" not in err
+
+
+def test_caption_json_flags_are_checked(tmp_path, capsys):
+    made = make_caption_json(tmp_path, {"train": 1, "val": 1, "test": 1})
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--caption_json", str(made["json"]), "--images", str(made["images"])])
+    assert "--class_lists DIR or --label_csv FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--manifest", "m.csv", "--captions_per_image", "2"])
+    assert "apply to --caption_json only" in capsys.readouterr().err
+    args = prepare_data.parse_args(["--caption_json", "x/dataset_rsicd.json", "--images", "i", "--label_csv", "l"])
+    assert args.data_name == "rsicd_precomp" and args.cnn_backbone == "alexnet"
+
+
+def test_efficientnet_end_to_end_and_the_width_error_names_the_flag(tmp_path, capsys):
+    made = make_caption_json(tmp_path, {"train": 3, "val": 1, "test": 1}, captions=2)
+    run_json(made, tmp_path / "out", "--cnn_backbone", "efficientnet_lite0")
+    coarse, fine = folder(tmp_path / "out"), folder(tmp_path / "out", "fine")
+    assert np.load(coarse / "train_cnns.npy").shape == (3, 1280)
+    assert np.load(fine / "train_cnns.npy").shape == (3, 9, 1280)
+    summary = json.loads((coarse / "summary.json").read_text())
+    assert summary["cnn"]["backbone"] == "efficientnet_lite0" and summary["dims"]["cnn"] == 1280
+    with pytest.raises(InputError, match="the files hold efficientnet_lite0 features: use --cnn_dim 1280"):
+        load_features(str(coarse / "train_cnns.npy"), "global", 4096, "--cnn_dim")
+    with pytest.raises(InputError, match="--bovw_dim 500; the files hold 8-wide features: use --bovw_dim 8"):
+        load_features(str(fine / "train_bovws.npy"), "local", 500, "--bovw_dim")
