@@ -484,8 +484,12 @@ def test_corel_folder_without_lists_says_what_was_expected(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the training scripts read the output
 
-def test_training_scripts_run_one_epoch_on_the_output(toy, tmp_path):
-    out, vocab = toy["out"], str(tmp_path / "vocab")
+GRANULARITY = {"train_global.py": "coarse", "train_local.py": "fine"}
+
+
+def train_one_epoch(out: Path, tmp_path: Path, cnn_dim: int, scripts: tuple[str, ...] = tuple(GRANULARITY)) -> None:
+    """vocab.py, then one training epoch of each listed script on prepare_data's output folder."""
+    vocab = str(tmp_path / "vocab")
 
     def script(name: str, *args: str) -> None:
         done = run_script(name, *args, cwd=str(tmp_path))
@@ -493,11 +497,15 @@ def test_training_scripts_run_one_epoch_on_the_output(toy, tmp_path):
 
     script("vocab.py", "--data_path", str(out / "coarse-grained-data"), "--data_name", NAME,
            "--vocab_path", vocab, "--threshold", "1")
-    for name, granularity in (("train_global.py", "coarse"), ("train_local.py", "fine")):
+    for name in scripts:
         run_dir = str(tmp_path / name)
-        script(name, "--data_path", str(out / f"{granularity}-grained-data"), "--data_name", NAME,
+        script(name, "--data_path", str(out / f"{GRANULARITY[name]}-grained-data"), "--data_name", NAME,
                "--vocab_path", vocab, "--logger_name", run_dir, "--model_name", run_dir, "--num_epochs", "1",
-               "--batch_size", "8", "--device", "cpu", "--cnn_dim", "4096", "--bovw_dim", "8")
+               "--batch_size", "8", "--device", "cpu", "--cnn_dim", str(cnn_dim), "--bovw_dim", "8")
+
+
+def test_training_scripts_run_one_epoch_on_the_output(toy, tmp_path):
+    train_one_epoch(toy["out"], tmp_path, cnn_dim=4096)
 
 
 # ---------------------------------------------------------------- caption file dataset_<name>.json
@@ -613,14 +621,15 @@ def test_caption_json_flags_are_checked(tmp_path, capsys):
 
 
 def test_efficientnet_end_to_end_and_the_width_error_names_the_flag(tmp_path, capsys):
-    made = make_caption_json(tmp_path, {"train": 3, "val": 1, "test": 1}, captions=2)
+    made = make_caption_json(tmp_path, {"train": 4, "val": 1, "test": 1}, captions=2)
     run_json(made, tmp_path / "out", "--cnn_backbone", "efficientnet_lite0")
     coarse, fine = folder(tmp_path / "out"), folder(tmp_path / "out", "fine")
-    assert np.load(coarse / "train_cnns.npy").shape == (3, 1280)
-    assert np.load(fine / "train_cnns.npy").shape == (3, 9, 1280)
+    assert np.load(coarse / "train_cnns.npy").shape == (4, 1280)
+    assert np.load(fine / "train_cnns.npy").shape == (4, 9, 1280)
     summary = json.loads((coarse / "summary.json").read_text())
     assert summary["cnn"]["backbone"] == "efficientnet_lite0" and summary["dims"]["cnn"] == 1280
     with pytest.raises(InputError, match="the files hold efficientnet_lite0 features: use --cnn_dim 1280"):
         load_features(str(coarse / "train_cnns.npy"), "global", 4096, "--cnn_dim")
     with pytest.raises(InputError, match="--bovw_dim 500; the files hold 8-wide features: use --bovw_dim 8"):
         load_features(str(fine / "train_bovws.npy"), "local", 500, "--bovw_dim")
+    train_one_epoch(tmp_path / "out", tmp_path, cnn_dim=1280, scripts=("train_global.py",))  # 2 captions per row
