@@ -3,30 +3,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 
 import torch
 
 from errors import InputError
+from files import atomic_write
 
 REQUIRED_KEYS = ("kind", "model", "opt", "vocab", "epoch")
 
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves a half file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f), suffix=".pth.tar")
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:

@@ -12,6 +12,7 @@ from errors import InputError
 from vocab import Vocabulary, read_captions
 
 NUM_BLOCKS = 9  # uniform 3x3 grid
+MAX_UNKNOWN_FRACTION = 0.5  # above this, the vocabulary belongs to other captions (another dataset)
 
 
 def split_file(folder: str, split: str, kind: str) -> str:
@@ -85,6 +86,16 @@ def load_labels(path: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def check_known_words(caps_path: str, captions: list[torch.Tensor], vocab: Vocabulary) -> None:
+    """Stop when most caption words are <unk>: the vocabulary was built for other captions."""
+    words = sum(len(c) - 2 for c in captions)  # without <start> and <end>
+    unknown = sum(int((c == vocab.word2idx["<unk>"]).sum()) for c in captions)
+    if words and unknown > MAX_UNKNOWN_FRACTION * words:
+        raise InputError(f"{caps_path}: {unknown} of {words} caption words ({100 * unknown / words:.0f}%) are not "
+                         f"in the vocabulary ({len(vocab)} entries); it was built for other captions (another "
+                         "dataset or checkpoint?): rebuild it with vocab.py or use the matching one")
+
+
 class PrecompDataset(Dataset):
     """One split of a precomp folder: N images (CNN and BoVW features, labels) and k·N captions.
 
@@ -102,6 +113,7 @@ class PrecompDataset(Dataset):
         self.captions = [torch.tensor(vocab.encode(c)) for c in read_captions(caps_path)]
         if not self.captions:
             raise InputError(f"{caps_path}: the split '{split}' is empty")
+        check_known_words(caps_path, self.captions, vocab)
         self.cnns = load_features(split_file(folder, split, "cnns"), granularity, cnn_dim, "--cnn_dim")
         self.bovws = load_features(split_file(folder, split, "bovws"), granularity, bovw_dim, "--bovw_dim")
         self.labels = load_labels(split_file(folder, split, "labels"))

@@ -13,12 +13,12 @@ import torch
 import evaluate
 import trainer
 from data import PrecompDataset, has_split
-from errors import report_errors
+from errors import InputError, check_number, report_errors
 from models import build_model
 from options import parse_options, resolve_device
 from scoring import validate
 from synthetic import NOTICE, generate
-from vocab import build_vocab, load_vocab, save_vocab, vocab_file
+from vocab import build_vocab, load_vocab, read_captions, save_vocab, vocab_file
 
 NAME = "synthetic_precomp"
 KINDS = {"global": "coarse-grained-data", "local": "fine-grained-data"}
@@ -32,15 +32,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--sizes", default="1000,250,250", help="train,dev,test items")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_number("--epochs", args.epochs, minimum=1)
+    args.sizes = parse_sizes(args.sizes)
+    return args
+
+
+def parse_sizes(text: str) -> dict[str, int]:
+    """--sizes train,dev,test as three positive integers."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"--sizes must be three positive integers train,dev,test (e.g. 1000,250,250), got {text!r}")
+    return dict(zip(("train", "dev", "test"), map(int, parts)))
+
+
+def existing_sizes(data_path: str) -> dict[str, int] | None:
+    """Items per split of the generated data in both granularities, or None when incomplete or they differ."""
+    found = set()
+    for folder in KINDS.values():
+        if not all(has_split(os.path.join(data_path, folder), NAME, s) for s in ("train", "dev", "test")):
+            return None
+        found.add(tuple(len(read_captions(os.path.join(data_path, folder, NAME, f"{s}_caps.txt")))
+                        for s in ("train", "dev", "test")))
+    return dict(zip(("train", "dev", "test"), found.pop())) if len(found) == 1 else None
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """Generate the dataset and its vocabulary unless they are already there."""
+    """Generate the dataset (again when --sizes changed) and its vocabulary."""
     coarse = os.path.join(args.data_path, KINDS["global"])
-    sizes = dict(zip(("train", "dev", "test"), map(int, args.sizes.split(","))))
-    if not all(has_split(os.path.join(args.data_path, d), NAME, "test") for d in KINDS.values()):
-        generate(args.data_path, NAME, sizes)
+    if existing_sizes(args.data_path) != args.sizes:
+        generate(args.data_path, NAME, args.sizes)
     caps = [os.path.join(coarse, NAME, f"{s}_caps.txt") for s in ("train", "dev")]
     save_vocab(build_vocab(caps), vocab_file(args.vocab_path, NAME))
 

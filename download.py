@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import urllib.error
 import urllib.request
 
 from errors import InputError, report_errors
+from files import atomic_write_bytes, check_writable
 
 REPOSITORY = "https://raw.githubusercontent.com/peixinlei/M2HSE/{branch}/"
 BRANCHES = ("main", "master")
@@ -48,24 +48,51 @@ def read_source(relative: str, from_dir: str) -> bytes:
         return f.read()
 
 
-def write_atomic(path: str, payload: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+def targets(data_path: str, vocab_path: str) -> dict[str, list[str]]:
+    """Source file of the authors' repository -> the local paths it is written to."""
+    paths = {CAPTIONS_DIR + name: [os.path.join(data_path, granularity, "corel5k_precomp", name)
+                                   for granularity in ("coarse-grained-data", "fine-grained-data")]
+             for name in CAPTIONS}
+    paths[VOCAB] = [os.path.join(vocab_path, os.path.basename(VOCAB))]
+    return paths
 
 
-def corel5k_text(data_path: str, vocab_path: str, from_dir: str = "") -> None:
+def check_no_overwrite(path: str, payload: bytes) -> None:
+    """Refuse to replace a file with other content (captions prepare_data.py wrote, a vocabulary vocab.py built)."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            same = f.read() == payload
+        if not same:
+            raise InputError(f"{path}: already exists with other content (written by prepare_data.py or "
+                             "vocab.py?); nothing was changed. Pass --force to replace it")
+
+
+def checked_payload(relative: str, from_dir: str) -> bytes:
+    """The file's bytes, refused unless it is UTF-8 and, for captions, has the expected number of lines."""
+    payload = read_source(relative, from_dir)
+    name = os.path.basename(relative)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{name}: received file is not valid UTF-8 ({err.reason} at byte offset {err.start}); "
+                         "not saved") from None
+    if name in CAPTIONS and len(text.splitlines()) != CAPTIONS[name]:
+        raise InputError(f"{name}: {len(text.splitlines())} captions received, {CAPTIONS[name]} expected; not saved")
+    return payload
+
+
+def corel5k_text(data_path: str, vocab_path: str, from_dir: str = "", force: bool = False) -> None:
     """Fetch the Corel 5K captions (both granularity folders) and the authors' vocabulary."""
-    for name, expected in CAPTIONS.items():
-        payload = read_source(CAPTIONS_DIR + name, from_dir)
-        count = len(payload.decode("utf-8").splitlines())
-        if count != expected:
-            raise InputError(f"{name}: {count} captions received, {expected} expected; not saved")
-        for granularity in ("coarse-grained-data", "fine-grained-data"):
-            write_atomic(os.path.join(data_path, granularity, "corel5k_precomp", name), payload)
-    write_atomic(os.path.join(vocab_path, os.path.basename(VOCAB)), read_source(VOCAB, from_dir))
+    plan = targets(data_path, vocab_path)
+    payloads = {relative: checked_payload(relative, from_dir) for relative in plan}
+    writes = [(path, payloads[relative]) for relative, paths in plan.items() for path in paths]
+    if not force:  # every check before the first write: a refusal changes nothing
+        for path, payload in writes:
+            check_no_overwrite(path, payload)
+    for path, _ in writes:
+        check_writable(os.path.dirname(path), "download folder")
+    for path, payload in writes:
+        atomic_write_bytes(path, payload)
     print(f"Corel 5K captions -> {data_path}/{{coarse,fine}}-grained-data/corel5k_precomp/, "
           f"vocabulary -> {vocab_path}/{os.path.basename(VOCAB)}\n"
           "The features are not public: build them with prepare_data.py (see docs/DATA_PREPARATION.md).")
@@ -78,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data_path", default="./data")
     p.add_argument("--vocab_path", default="./vocab")
     p.add_argument("--from_dir", default="", help="copy the files from this folder instead of downloading")
+    p.add_argument("--force", action="store_true", help="replace existing files that hold other content")
     args = p.parse_args(argv)
-    corel5k_text(args.data_path, args.vocab_path, args.from_dir)
+    corel5k_text(args.data_path, args.vocab_path, args.from_dir, args.force)
 
 
 if __name__ == "__main__":

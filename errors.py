@@ -14,6 +14,10 @@ class InputError(ReportedError):
     """Bad input from the user (a file, a flag, a checkpoint); the message names what and where."""
 
 
+class OutputError(ReportedError):
+    """A file could not be written (a full disk, no permission); the message names it and what was kept."""
+
+
 class TrainingError(ReportedError):
     """Training had to stop (a non-finite loss); the message says where and what was kept."""
 
@@ -28,3 +32,16 @@ def report_errors(main: Callable[..., object]) -> Callable[..., object]:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+def check_number(flag: str, value: float, *, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> None:
+    """Refuse a numeric flag that is NaN, infinite or out of range, with one line naming it."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise InputError(f"{flag} must be at least {minimum}, got {value}")
+    if above is not None and value <= above:
+        raise InputError(f"{flag} must be greater than {above}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{flag} must be at most {maximum}, got {value}")

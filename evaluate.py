@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from data import PrecompDataset, has_split
-from errors import InputError, report_errors
+from errors import InputError, check_number, report_errors
+from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
 from metrics import precision_recall_curve, retrieval_metrics
 from models import load_trained
 from options import resolve_device
@@ -45,7 +46,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --global_ckpt, --local_ckpt or both")
     if not 0.0 <= args.fusion_weight <= 1.0:
         p.error("--fusion_weight must lie in [0, 1]")
+    check_number("--chunk", args.chunk, minimum=1)
+    check_number("--batch_size", args.batch_size, minimum=0)
     return args
+
+
+def plot_format(path: str) -> str:
+    """Image format of --plot from its extension (png when it has none), refused when matplotlib lacks it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    extension = os.path.splitext(path)[1][1:].lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if extension not in known:
+        raise InputError(f"{path}: --plot has the unknown image extension .{extension} "
+                         f"(use one of {', '.join(sorted(known))})")
+    return extension
+
+
+def check_outputs(args: argparse.Namespace, nets: list["Subnetwork"]) -> None:
+    """Every output path writable (and the plot format known) before any scoring."""
+    if args.output:
+        check_output_file(args.output, "--output")
+    else:
+        check_writable(os.path.dirname(nets[0].path) or ".", "folder of the default --output")
+    if args.save_sims:
+        check_writable(args.save_sims, "--save_sims folder")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
+        plot_format(args.plot)
 
 
 class Subnetwork:
@@ -156,19 +183,18 @@ def plot_curves(rows: dict[str, np.ndarray], labels: tuple[np.ndarray, np.ndarra
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=plot_format(path), dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(args, rows, results, split, labels, output: str) -> None:
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_bytes(output, json.dumps(results, indent=2).encode("utf-8"))
     print(f"wrote {output}")
     if args.save_sims:
-        os.makedirs(args.save_sims, exist_ok=True)
         for name, sims in rows.items():
-            np.save(os.path.join(args.save_sims, f"{name}_{split}_sims.npy"), sims)
+            atomic_write(os.path.join(args.save_sims, f"{name}_{split}_sims.npy"), lambda f: np.save(f, sims))
         print(f"wrote similarity matrices to {args.save_sims}")
     if args.plot:
         plot_curves(rows, labels, args.plot)
@@ -179,6 +205,7 @@ def write_outputs(args, rows, results, split, labels, output: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     nets = open_subnetworks(args, resolve_device(args.device))
+    check_outputs(args, nets)
     split = pick_split(nets, args.split)
     weight = None
     if len(nets) == 2:

@@ -20,14 +20,29 @@ def build_model(kind: str, opt: dict, vocab_size: int) -> nn.Module:
     raise InputError(f"unknown subnetwork kind {kind!r}")
 
 
+def load_weights(model: nn.Module, weights: dict, path: str, built_from: str, why: str = "") -> None:
+    """load_state_dict, or one line naming the first tensor that is missing, extra or of another shape."""
+    expected = model.state_dict()
+    suffix = f" ({why})" if why else ""
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise InputError(f"{path}: tensor {name} of the model built from {built_from} is missing from the "
+                             f"checkpoint{suffix}")
+        saved = tuple(getattr(weights[name], "shape", ()))
+        if saved != tuple(tensor.shape):
+            raise InputError(f"{path}: tensor {name} has shape {saved} in the checkpoint, {tuple(tensor.shape)} "
+                             f"in the model built from {built_from}{suffix}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise InputError(f"{path}: tensor {extra[0]} of the checkpoint has no place in the model built from "
+                         f"{built_from}{suffix}")
+    model.load_state_dict(weights)
+
+
 def load_trained(path: str, kind: str, device: torch.device) -> tuple[nn.Module, dict, Vocabulary]:
     """Model (eval mode, on device), checkpoint dict and vocabulary of a saved subnetwork."""
     ckpt = load_checkpoint(path, kind)
     vocab = Vocabulary.from_word2idx(ckpt["vocab"])
     model = build_model(kind, ckpt["opt"], len(vocab))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise InputError(f"{path}: weights do not fit the {kind}-level model "
-                         f"({str(err).splitlines()[0][:160]})") from None
+    load_weights(model, ckpt["model"], path, "its own options (the file was edited or damaged)")
     return model.to(device).eval(), ckpt, vocab

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from errors import InputError
+from errors import InputError, check_number
 
 SUBNETWORK_DEFAULTS = {
     "global": dict(data_path="./data/coarse-grained-data", run_dir="./checkpoint/M2HSE/Global/Corel5K",
@@ -56,6 +56,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     train.add_argument("--grad_clip", type=float, default=2.0, help="gradient-norm clipping")
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--resume", default="", help="checkpoint to continue from")
+    train.add_argument("--allow_option_change", action="store_true",
+                       help="resume even though model or training options differ from the checkpoint's")
 
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -69,12 +71,35 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 def parse_options(kind: str, argv: list[str] | None = None) -> dict:
     """Parsed options of one subnetwork, as a plain dict (what checkpoints store)."""
     opt = vars(build_parser(kind).parse_args(argv))
-    for name in ("num_epochs", "batch_size", "lr_update", "embed_size", "word_dim", "cnn_dim", "bovw_dim",
-                 "num_layers", "log_step"):
-        if opt[name] < 1:
-            raise InputError(f"--{name} must be at least 1, got {opt[name]}")
+    check_options(opt, kind)
     opt["kind"] = kind
     return opt
+
+
+# options that say where and how a run happens, not what it computes: free to change on --resume
+RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
+                    "model_name", "device", "gpuid", "workers", "log_step")
+SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
+
+
+def changed_options(saved: dict, given: dict) -> dict[str, str]:
+    """Options that change the model or the training, differing between a checkpoint and this run."""
+    keys = sorted((saved.keys() | given.keys()) - set(RUN_ONLY_OPTIONS))
+    return {k: f"--{k} {saved.get(k, '(absent)')} in the checkpoint, {given.get(k, '(absent)')} given"
+            for k in keys if saved.get(k) != given.get(k)}
+
+
+def check_options(opt: dict, kind: str) -> None:
+    """Every numeric flag in range, before any data is read."""
+    for name in ("num_epochs", "batch_size", "lr_update", "embed_size", "word_dim", "cnn_dim", "bovw_dim",
+                 "num_layers", "log_step"):
+        check_number(f"--{name}", opt[name], minimum=1)
+    for name in ("learning_rate", "gamma_1", "lambda_softmax"):
+        check_number(f"--{name}", opt[name], above=0)
+    weights = [name for name, _ in SUBNETWORK_DEFAULTS[kind]["weights"]]
+    for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", *weights):
+        check_number(f"--{name}", opt[name], minimum=0)
+    check_number("--gamma_2", opt["gamma_2"])
 
 
 def resolve_device(name: str = "auto", gpuid: int = 0) -> torch.device:

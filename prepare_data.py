@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -32,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from extraction import backbones, features
-from errors import InputError, report_errors
+from errors import InputError, OutputError, report_errors
+from files import TEMP_PREFIX, atomic_write, check_writable
 from options import resolve_device
 from extraction.inputs import (SPLITS, Collection, Item, label_mapping, read_caption_json, read_class_lists,
                                read_corel, read_label_csv, read_manifest)
@@ -91,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.seed < 0:
+        p.error(f"--seed must be 0 or more, got {args.seed}")
     json_only = [f"--{k}" for k in ("images", "class_lists", "label_csv", "multi_label", "captions_per_image")
                  if getattr(args, k)]
     if args.caption_json and not (args.images and (args.class_lists or args.label_csv)):
@@ -119,14 +123,6 @@ def digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_save(path: Path, write: Callable[[object], None]) -> None:
-    """Write a file through a temporary name, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 class StageCache:
     """One stage's per-image results for one split, stored as parts of `chunk_size` consecutive images.
 
@@ -147,7 +143,7 @@ class StageCache:
 
     def save(self, chunk: range, arrays: Arrays) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save(self.part(chunk), lambda f: np.savez(f, **arrays))
+        atomic_write(self.part(chunk), lambda f: np.savez(f, **arrays))
 
     def load(self, chunk: range) -> Arrays:
         with np.load(self.part(chunk)) as part:
@@ -317,21 +313,45 @@ def screen_images(items: list[Item], skip_bad: bool) -> tuple[list[Item], list[d
     return [item for item in items if id(item) not in bad_items], dropped
 
 
+def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float32 .npy memory map whose disk blocks are reserved now: a full disk fails here, not mid-copy."""
+    array = open_memmap(path, "w+", np.float32, shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, array.offset + array.nbytes)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without it: write as before
+                    raise
+    return array
+
+
 def write_views(stage: StageCache, name: str, coarse: Path, fine: Path) -> None:
     """Assemble cached (n, 10, D) parts into the coarse (n, D) and fine (n, 9, D) float32 files."""
     dim = stage.load(stage.chunks[0])[name].shape[-1]
     outputs = {coarse: (stage.n_items, dim), fine: (stage.n_items, features.N_BLOCKS, dim)}
-    arrays = {path: open_memmap(path.with_name(path.name + ".partial"), "w+", np.float32, shape)
-              for path, shape in outputs.items()}
-    for chunk in stage.chunks:
-        views = stage.load(chunk)[name]
-        arrays[coarse][chunk.start:chunk.stop] = views[:, 0]
-        arrays[fine][chunk.start:chunk.stop] = views[:, 1:]
-    for array in arrays.values():
-        array.flush()
-    arrays.clear()  # close the memory maps before the files are renamed
-    for path in outputs:
-        os.replace(path.with_name(path.name + ".partial"), path)
+    partial_files = {path: path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}") for path in outputs}
+    arrays = {}
+    try:
+        for path, shape in outputs.items():
+            arrays[path] = allocated_memmap(partial_files[path], shape)
+        for chunk in stage.chunks:
+            views = stage.load(chunk)[name]
+            arrays[coarse][chunk.start:chunk.stop] = views[:, 0]
+            arrays[fine][chunk.start:chunk.stop] = views[:, 1:]
+        for array in arrays.values():
+            array.flush()
+        arrays.clear()  # close the memory maps before the files are renamed
+        for path in outputs:
+            os.replace(partial_files[path], path)
+    except BaseException as err:
+        arrays.clear()
+        for tmp in partial_files.values():
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"{coarse} / {fine}: cannot be written ({err.strerror or err}); "
+                              "the cached features are kept, rerun to resume") from None
+        raise
 
 
 def remove_stale_splits(folders: dict[str, Path], present: dict) -> None:
@@ -360,9 +380,9 @@ def write_split(split: str, items: list[Item], labels: dict[str, int], multi_hot
     images = "".join(f"{item.image.absolute()}\n" for item in items).encode("utf-8")
     label_ids = label_array(items, labels, multi_hot)
     for folder in folders.values():
-        atomic_save(folder / f"{split}_caps.txt", lambda f: f.write(captions))
-        atomic_save(folder / f"{split}_images.txt", lambda f: f.write(images))
-        atomic_save(folder / f"{split}_labels.npy", lambda f: np.save(f, label_ids))
+        atomic_write(folder / f"{split}_caps.txt", lambda f: f.write(captions))
+        atomic_write(folder / f"{split}_images.txt", lambda f: f.write(images))
+        atomic_write(folder / f"{split}_labels.npy", lambda f: np.save(f, label_ids))
     for kind, name in (("cnns", "cnn"), ("bovws", "bovw")):
         write_views(stages[name], name, folders["coarse"] / f"{split}_{kind}.npy",
                     folders["fine"] / f"{split}_{kind}.npy")
@@ -413,6 +433,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, torch.d
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cache_root = Path(args.cache_dir) / args.data_name
+    for folder in (args.out_path, cache_root):  # before any image is read
+        check_writable(str(folder))
     collection = read_inputs(args, cache_root)
     for entry in collection.dropped:
         print(f"dropped {entry['split']} {entry['image']}: {entry['reason']}")
@@ -437,8 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     for s, v in splits.items():
         write_split(s, v, labels, collection.multi_label, stages[s], folders)
     for folder in folders.values():  # written last: a summary means the folder is complete
-        atomic_save(folder / "codebook.npy", lambda f: np.save(f, codebook))
-        atomic_save(folder / "summary.json", lambda f: f.write(json.dumps(info, indent=2).encode("utf-8")))
+        atomic_write(folder / "codebook.npy", lambda f: np.save(f, codebook))
+        atomic_write(folder / "summary.json", lambda f: f.write(json.dumps(info, indent=2).encode("utf-8")))
     if not args.keep_cache:
         shutil.rmtree(cache_root, ignore_errors=True)
         with contextlib.suppress(OSError):  # leave a shared or non-empty cache folder alone

@@ -16,8 +16,9 @@ from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
 from loss import msb_loss
-from models import build_model
-from options import parse_options, resolve_device
+from files import check_writable, remove_stale_temporaries
+from models import build_model, load_weights
+from options import SHAPE_OPTIONS, changed_options, parse_options, resolve_device
 from run_lock import RunLock
 from run_log import RunLogger
 from scoring import validate
@@ -84,6 +85,10 @@ class Trainer:
                              "positive and a negative of another label in each batch, so at least 2 items")
         self.device = resolve_device(opt["device"], opt["gpuid"])
         torch.manual_seed(opt["seed"])
+        check_writable(opt["model_name"])  # before any data is read
+        check_writable(opt["logger_name"], "log directory")
+        for name in remove_stale_temporaries(opt["model_name"]):
+            print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
         self.train_set = self._dataset("train")
         self.val_set = self._dataset(opt["val_split"])
@@ -113,7 +118,7 @@ class Trainer:
         locks: list[RunLock] = []
         try:
             for folder in folders.values():
-                self._check_writable(folder)
+                os.makedirs(folder, exist_ok=True)  # writable: checked before any data were read
                 locks.append(RunLock(folder))
         except InputError:
             for lock in locks:
@@ -125,16 +130,6 @@ class Trainer:
         """Free the run folders for another run."""
         for lock in self.locks:
             lock.release()
-
-    @staticmethod
-    def _check_writable(folder: str) -> None:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, ".write-test"), "w"):
-                pass
-            os.remove(os.path.join(folder, ".write-test"))
-        except OSError as err:
-            raise InputError(f"{folder}: output directory cannot be written ({err.strerror})") from None
 
     def state(self) -> dict:
         """Everything a resumed run needs, as a plain dict."""
@@ -148,7 +143,15 @@ class Trainer:
         if ckpt["vocab"] != self.vocab.word2idx:
             raise InputError(f"{path}: checkpoint was trained with another vocabulary than "
                              f"{vocab_file(self.opt['vocab_path'], self.opt['data_name'])}")
-        self.model.load_state_dict(ckpt["model"])
+        changes = changed_options(ckpt["opt"], self.opt)
+        if changes and not self.opt["allow_option_change"]:
+            raise InputError(f"{path}: options differ from the checkpoint's: {'; '.join(changes.values())}. "
+                             "Resume with the checkpoint's options, or add --allow_option_change to continue "
+                             "with the new ones")
+        if changes:
+            print(f"notice: resuming with changed options: {'; '.join(changes.values())}")
+        shape_changes = "; ".join(v for k, v in changes.items() if k in SHAPE_OPTIONS)
+        load_weights(self.model, ckpt["model"], path, "the given options", shape_changes)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
         self.evaluated = ckpt.get("evaluated", True)
@@ -201,7 +204,7 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
             self.step, count = self.step + 1, count + 1
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            if self.step % self.opt["log_step"] == 0:
+            if self.step % self.opt["log_step"] == 0 or self.step == len(batches):  # at least once an epoch
                 global_step = self.epoch * len(batches) + self.step
                 self.log.loss(self.epoch, self.step, global_step, terms, self.optimizer.param_groups[0]["lr"])
         self.epoch_rng_state = self.order_rng.get_state()

@@ -8,7 +8,8 @@ from collections import Counter
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from errors import InputError, report_errors
+from errors import InputError, check_number, report_errors
+from files import atomic_write_bytes, check_writable, read_utf8
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 _TOKENIZER = NLTKWordTokenizer()  # word_tokenize(preserve_line=True) without the punkt download
@@ -61,13 +62,8 @@ def vocab_file(vocab_path: str, data_name: str) -> str:
 
 def read_captions(path: str) -> list[str]:
     """Caption lines of a file; a missing file or an empty caption is an InputError naming the file."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: caption file not found")
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: \n, \r\n and \r end a caption
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    text = read_utf8(path, "caption file")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # \n, \r\n and \r end a caption
     if lines[-1] == "":  # the final newline ends the last caption, it does not start another
         lines.pop()
     for number, line in enumerate(lines, 1):
@@ -87,11 +83,7 @@ def build_vocab(caption_files: list[str], threshold: int = 2) -> Vocabulary:
 
 
 def save_vocab(vocab: Vocabulary, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(vocab.to_json(), f, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(vocab.to_json(), ensure_ascii=False).encode("utf-8"))
 
 
 def load_vocab(path: str) -> Vocabulary:
@@ -99,9 +91,9 @@ def load_vocab(path: str) -> Vocabulary:
     if not os.path.isfile(path):
         raise InputError(f"{path}: vocabulary file not found; build it with "
                          f"`python vocab.py --data_path DATA --data_name NAME --vocab_path {os.path.dirname(path) or '.'}`")
+    text = read_utf8(path, "vocabulary file")
     try:
-        with open(path, encoding="utf-8") as f:
-            word2idx = json.load(f)["word2idx"]
+        word2idx = json.loads(text)["word2idx"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a vocabulary JSON with a 'word2idx' table ({err})") from None
     try:
@@ -118,12 +110,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=int, default=2, help="keep words seen at least this often")
     p.add_argument("--splits", default="train,dev",
                    help="caption files counted; the authors use train,dev (use train to avoid the dev leak)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_number("--threshold", args.threshold, minimum=1)
+    if not all(args.splits.split(",")):
+        raise InputError(f"--splits must be split names separated by commas, got {args.splits!r}")
+    return args
 
 
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable(args.vocab_path, "--vocab_path folder")
     folder = os.path.join(args.data_path, args.data_name)
     files = [os.path.join(folder, f"{s}_caps.txt") for s in args.splits.split(",")]
     vocab = build_vocab(files, args.threshold)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import InputError
+from files import read_utf8
 
 SPLITS = ("train", "dev", "test")
 MANIFEST_COLUMNS = ("image", "caption", "label", "split")
@@ -60,11 +61,7 @@ def label_mapping(labels: list[str]) -> dict[str, int]:
 # ---------------------------------------------------------------- generic manifest
 
 def _manifest_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    text = read_utf8(str(path), "manifest")
     delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     return list(reader.fieldnames or []), list(reader)
@@ -174,8 +171,7 @@ def unpack_archive(archive: Path, target: Path) -> Path:
 
 def read_words(path: Path) -> list[str]:
     """One word per line (extra columns, e.g. counts, are ignored); blank lines skipped."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [line.split()[0] for line in f if line.strip()]
+    return [line.split()[0] for line in read_utf8(str(path), "word list").splitlines() if line.strip()]
 
 
 def _read_mat(path: Path, n_items: int, n_words: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import checkpoint
 import evaluate
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, TrainingError
+from errors import InputError, OutputError, TrainingError
 from tests.conftest import REPO, run_script, train_argv
 
 
@@ -144,7 +144,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         f.write(b"partial bytes")
         raise OSError("disk full")
     monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="checkpoint.pth.tar: cannot be written \\(disk full\\)"):
         save_checkpoint({"kind": "global", "model": {}, "opt": {}, "vocab": {}, "epoch": 2}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
