@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import os
+from typing import TextIO
 
 from torch.utils.tensorboard import SummaryWriter
 
-from errors import InputError
+from errors import InputError, OutputError
+
+
+def append(log: TextIO, line: str) -> None:
+    """Append and flush one line; a full disk is one OutputError line, the checkpoints stay as they were."""
+    try:
+        log.write(line)
+        log.flush()
+    except OSError as err:
+        raise OutputError(f"{log.name}: cannot be written ({err.strerror or err}); the checkpoints saved so "
+                          "far are unchanged") from None
 
 
 class RunLogger:
@@ -22,9 +33,8 @@ class RunLogger:
 
     def metrics(self, epoch: int, result: dict) -> None:
         i2t, t2i = result["i2t"], result["t2i"]
-        self.performance.write(f"epoch {epoch} i2t_mAP {i2t['mAP']:.4f} t2i_mAP {t2i['mAP']:.4f} "
-                               f"rsum {result['rsum']:.4f}\n")
-        self.performance.flush()
+        append(self.performance, f"epoch {epoch} i2t_mAP {i2t['mAP']:.4f} t2i_mAP {t2i['mAP']:.4f} "
+                                 f"rsum {result['rsum']:.4f}\n")
         for direction in ("i2t", "t2i"):
             for name, value in result[direction].items():
                 self.writer.add_scalar(f"val/{direction}_{name}", value, epoch)
@@ -32,8 +42,7 @@ class RunLogger:
 
     def loss(self, epoch: int, step: int, global_step: int, terms: dict[str, float], lr: float) -> None:
         values = " ".join(f"{name} {value:.6f}" for name, value in terms.items())
-        self.losses.write(f"epoch {epoch + 1} step {step} {values} lr {lr:.3e}\n")
-        self.losses.flush()
+        append(self.losses, f"epoch {epoch + 1} step {step} {values} lr {lr:.3e}\n")
         for name, value in terms.items():
             self.writer.add_scalar(f"train/{name}", value, global_step)
         self.writer.add_scalar("train/lr", lr, global_step)

@@ -101,7 +101,7 @@ def disk(tmp_path, monkeypatch):
         real = False
     yield Disk(folder, real, monkeypatch)
     if real:
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: files a test left open
 
 
 @pytest.fixture(scope="module")
@@ -433,3 +433,16 @@ def test_download_refuses_to_replace_other_captions_without_force(tmp_path, caps
     download.main(argv + ["--force"])
     assert mine.read_bytes() == (Path(source) / "dev_caps.txt").read_bytes()
     download.main(argv)  # the same files again: nothing to refuse
+
+
+def test_run_logs_on_a_full_disk_are_one_line(disk):
+    from run_log import RunLogger
+    log = RunLogger(str(disk.folder))
+    log.loss(0, 1, 1, {"loss": 1.0}, 2e-4)
+    before = (disk.folder / "loss.log").read_text()
+    disk.fill()
+    if not disk.real:
+        log.losses = NoSpaceFile(log.losses)
+    with pytest.raises(OutputError, match=f"loss.log: cannot be written \\({ENOSPC}\\); the checkpoints"):
+        log.loss(0, 2, 2, {"a_long_term_name" * 1000: 0.5}, 2e-4)  # longer than the free end of the last page
+    assert (disk.folder / "loss.log").read_text().startswith(before)
