@@ -14,6 +14,7 @@ import evaluate
 import trainer
 from data import PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
+from files import check_writable
 from models import build_model
 from options import parse_options, resolve_device
 from scoring import validate
@@ -87,6 +88,8 @@ def untrained_map(args: argparse.Namespace, kind: str) -> float:
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for folder, flag in ((args.data_path, "--data_path"), (args.vocab_path, "--vocab_path"), (args.run_dir, "--run_dir")):
+        check_writable(folder, f"{flag} folder")
     print(NOTICE, flush=True)
     prepare(args)
     before = {}

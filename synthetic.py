@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     for flag in ("train", "dev", "test", "seed"):
         check_number(f"--{flag}", getattr(a, flag), minimum=0)
-    for flag in ("cnn_dim", "bovw_dim", "categories"):
+    for flag in ("cnn_dim", "bovw_dim", "categories", "captions_per_image"):
         check_number(f"--{flag}", getattr(a, flag), minimum=1)
     generate(a.out_path, a.data_name, {"train": a.train, "dev": a.dev, "test": a.test},
              a.cnn_dim, a.bovw_dim, a.categories, seed=a.seed, captions_per_image=a.captions_per_image)

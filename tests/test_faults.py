@@ -446,3 +446,12 @@ def test_run_logs_on_a_full_disk_are_one_line(disk):
     with pytest.raises(OutputError, match=f"loss.log: cannot be written \\({ENOSPC}\\); the checkpoints"):
         log.loss(0, 2, 2, {"a_long_term_name" * 1000: 0.5}, 2e-4)  # longer than the free end of the last page
     assert (disk.folder / "loss.log").read_text().startswith(before)
+
+
+def test_demo_checks_its_folders_before_generating(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file")
+    with pytest.raises(SystemExit):
+        demo.main(["--data_path", str(tmp_path / "data"), "--vocab_path", str(tmp_path / "vocab"),
+                   "--run_dir", str(tmp_path / "blocker" / "runs")])
+    assert "blocker/runs: --run_dir folder cannot be written" in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["blocker"]
