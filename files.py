@@ -15,7 +15,7 @@ TEMP_PREFIX = ".tmp-"
 _OWNED_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")  # .tmp-<pid>-...: the writer's process id
 
 
-def _umask() -> int:
+def user_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -67,7 +67,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], s
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~user_umask())
         os.replace(tmp, path)
     except BaseException as err:
         os.unlink(tmp)

@@ -20,6 +20,8 @@ from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.utils import get_model_params
 from torch import nn
 
+from files import user_umask
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
@@ -130,9 +132,13 @@ def imagenet_source(name: str) -> str:
 
 
 def _download_alexnet() -> dict[str, torch.Tensor]:
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
+    downloading = not cached.exists()
     try:
-        return torch.hub.load_state_dict_from_url(ALEXNET_URL, progress=True, check_hash=True,
-                                                  weights_only=True)
+        state = torch.hub.load_state_dict_from_url(ALEXNET_URL, progress=True, check_hash=True, weights_only=True)
+        if downloading:  # torch.hub saves through a 0600 temporary file: give it the user's umask
+            cached.chmod(0o666 & ~user_umask())
+        return state
     except (urllib.error.URLError, OSError, RuntimeError) as err:  # offline, refused, or a corrupt download
         raise ValueError(f"could not download the ImageNet AlexNet weights ({err}); offline? download "
                          f"{ALEXNET_URL} elsewhere and pass the file: --cnn_weights alexnet-owt-7be5be79.pth, "

@@ -227,6 +227,25 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(mode)] * 4
 
 
+def test_downloaded_cnn_weights_follow_the_umask(tmp_path, monkeypatch):
+    from extraction import backbones
+
+    def hub_download(url, **kwargs):  # torch.hub moves a 0600 NamedTemporaryFile into its cache
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"weights")
+        path.chmod(0o600)
+        return {"w": torch.ones(1)}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", hub_download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    previous = os.umask(0o022)
+    try:
+        assert backbones._download_alexnet()["w"].item() == 1
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").stat().st_mode & 0o777) == "0o644"
+
+
 # ---------------------------------------------------------------- checks before long work
 
 @pytest.fixture
