@@ -16,6 +16,7 @@ _OWNED_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")  # .tmp-<pid>-...: 
 
 
 def user_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
