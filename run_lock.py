@@ -5,7 +5,7 @@ import os
 import socket
 import time
 
-from errors import InputError
+from errors import InputError, OutputError
 
 try:
     import fcntl
@@ -40,8 +40,12 @@ class RunLock:
             raise InputError(f"{folder}: another training run is using this folder (pid {pid} on {host}, "
                              f"started {started}); wait for it to end or choose another --model_name / "
                              "--logger_name") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        except OSError as err:  # a full disk: one line before any work
+            self.release()
+            raise OutputError(f"{self.path}: the run's lock file cannot be written ({err.strerror})") from None
 
     def release(self) -> None:
         """Give the folder free (closing the descriptor drops the flock)."""

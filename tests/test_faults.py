@@ -160,13 +160,24 @@ def test_vocab_on_a_full_disk_keeps_the_old_vocabulary(disk, tiny_data, capsys):
 
 def test_training_on_a_full_disk_keeps_the_last_checkpoint(disk, trained, tiny_data, tmp_path):
     shutil.copy(trained / "checkpoint.pth.tar", disk.folder)
-    disk.fill()
     argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "2", "--model_name", str(disk.folder),
                       "--resume", str(disk.folder / "checkpoint.pth.tar"))
-    with pytest.raises(OutputError, match=f"checkpoint.pth.tar: cannot be written \\({ENOSPC}\\)"):
-        trainer.main("global", argv)
+    run = trainer.Trainer("global", options.parse_options("global", argv))
+    disk.fill()  # the disk fills up during the run
+    with pytest.raises(OutputError, match=f"(model_best|checkpoint).pth.tar: cannot be written \\({ENOSPC}\\)"):
+        run.fit()
+    run.release()
     assert load_checkpoint(str(disk.folder / "checkpoint.pth.tar"))["epoch"] == 1
-    assert disk.names() == {"checkpoint.pth.tar"}
+    assert disk.names() == {"checkpoint.pth.tar", ".lock"}
+
+
+def test_a_run_started_on_a_full_disk_stops_before_any_work(disk, tiny_data, tmp_path, monkeypatch):
+    disk.fill()
+    if not disk.real:  # the lock line is written with os.write
+        real_write = os.write
+        monkeypatch.setattr(os, "write", lambda fd, data: no_space() if disk.holds(fd) else real_write(fd, data))
+    with pytest.raises(OutputError, match=f"\\.lock: the run's lock file cannot be written \\({ENOSPC}\\)"):
+        trainer.main("global", train_argv("global", tiny_data, str(tmp_path), "--model_name", str(disk.folder)))
 
 
 def test_feature_files_on_a_full_disk_leave_no_partial_file(disk, tmp_path):
