@@ -343,12 +343,10 @@ def read_label_csv(path: str | Path) -> dict[str, list[str]]:
 
 
 def _load_caption_json(path: Path) -> list:
-    if not path.is_file():
-        raise InputError(f"{path}: caption file not found")
+    text = read_utf8(str(path), "caption file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
         raise InputError(f"{path}: expected {{\"images\": [...]}} with one entry per image (dataset_<name>.json)")

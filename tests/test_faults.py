@@ -404,7 +404,7 @@ def test_bad_utf8_names_the_byte_offset_and_line(tmp_path, bom):
     assert read_captions(str(path)) == ["sky"]
 
 
-def test_bad_utf8_in_a_vocabulary_and_a_manifest_is_one_line(tmp_path):
+def test_bad_utf8_in_a_vocabulary_manifest_or_caption_json_is_one_line(tmp_path):
     vocab_path = tmp_path / "v_vocab.json"
     vocab_path.write_bytes(b'{"word2idx": {"<pad>": 0, "caf\xe9": 1}}')
     with pytest.raises(InputError, match=r"v_vocab.json: not valid UTF-8 \(.*byte offset 30, line 1\)"):
@@ -413,6 +413,11 @@ def test_bad_utf8_in_a_vocabulary_and_a_manifest_is_one_line(tmp_path):
     manifest.write_bytes(b"image,caption,label,split\na.jpg,caf\xe9,1,train\n")
     with pytest.raises(InputError, match=r"m.csv: not valid UTF-8 \(.*byte offset 35, line 2\)"):
         prepare_data.read_manifest(str(manifest))
+    from extraction.inputs import _load_caption_json
+    caption_json = tmp_path / "dataset_x.json"
+    caption_json.write_bytes(b'{"images": [{"filename": "a.png",\n "sentences": [{"raw": "caf\xe9"}]}]}')
+    with pytest.raises(InputError, match=r"dataset_x.json: not valid UTF-8 \(.*byte offset 61, line 2\)"):
+        _load_caption_json(caption_json)
 
 
 # ---------------------------------------------------------------- rough edges
