@@ -140,6 +140,20 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     return torch.cat(cols_as_query) + torch.cat(rows_as_query, dim=1).T
 
 
+def text_to_image_attention(words: torch.Tensor, blocks: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
+                            lambda_softmax: float = 9.0) -> torch.Tensor:
+    """Attention weights w (L words x K blocks) of one caption's words (L, d) over one image's blocks (K, d).
+
+    Row l is softmax over blocks k of lambda * normalised raw scores <block_k, word_l> (SPEC 4, steps
+    1-3 of t2i, normalised over the caption's words); each row sums to 1.
+    """
+    query = Fragments.of(words[None], torch.tensor([words.size(0)], device=words.device))
+    context = Fragments.of(blocks[None], torch.tensor([blocks.size(0)], device=blocks.device))
+    logits = _attention_logits(_raw_scores(context.vectors, query.vectors), query.mask, context.mask,
+                               raw_feature_norm, lambda_softmax)
+    return logits.softmax(dim=1)[0, :, 0, :].T
+
+
 class LocalModel(TwoBranchModel):
     """Fine-grained subnetwork: block and word encoders for the CNN and BoVW branches."""
 

@@ -86,3 +86,19 @@ def reference_forward(model: nn.Module, cnn: torch.Tensor, bovw: torch.Tensor, c
         "A1": reference_text_image(bovw_blocks, bovw_words, lengths, norm, lam),
         "A2": reference_cnn_bovw(cnn_blocks, bovw_blocks, norm, lam),
     }
+
+
+def reference_attention_weights(query: torch.Tensor, context: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
+                                lambda_softmax: float = 9.0) -> torch.Tensor:
+    """(Lq, Lc) weights w_kl of SPEC 4 steps 1-3, one score at a time: row l is query fragment l."""
+    scores = torch.zeros(context.size(0), query.size(0), dtype=query.dtype)
+    for k in range(context.size(0)):
+        for l in range(query.size(0)):
+            scores[k, l] = (context[k] * query[l]).sum()
+    normed = normalise_over_query(scores, raw_feature_norm)
+    weights = torch.zeros(query.size(0), context.size(0), dtype=query.dtype)
+    for l in range(query.size(0)):
+        exps = [torch.exp(lambda_softmax * normed[k, l]) for k in range(context.size(0))]
+        for k in range(context.size(0)):
+            weights[l, k] = exps[k] / sum(exps)
+    return weights

@@ -6,8 +6,8 @@ import torch
 
 import model_local
 from loss import msb_loss
-from model_local import ATTENTION_NORMS, LocalModel, cross_attention, paired_attention
-from tests.reference_local import reference_cross_attention, reference_forward
+from model_local import ATTENTION_NORMS, LocalModel, cross_attention, paired_attention, text_to_image_attention
+from tests.reference_local import reference_attention_weights, reference_cross_attention, reference_forward
 
 TOL = 1e-6
 CAPTION_LENGTHS = [3, 8, 5, 6, 4]
@@ -196,6 +196,17 @@ def test_msb_loss_backpropagates_into_all_encoders() -> None:
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
         assert any(g.abs().sum() > 0 for g in grads), name
+
+
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+def test_text_to_image_attention_matches_reference(norm: str) -> None:
+    caption = unit_fragments(1, 6, seed=7)[0]
+    image = unit_fragments(1, N_BLOCKS, seed=8)[0]
+    weights = text_to_image_attention(caption, image, norm, 9.0)
+    assert weights.shape == (6, N_BLOCKS)
+    assert_close(weights, reference_attention_weights(caption, image, norm, 9.0))
+    assert_close(weights.sum(dim=1), torch.ones(6, dtype=torch.float64))
+    assert weights.max() > 1.5 / N_BLOCKS  # not uniform: the attention prefers some blocks
 
 
 def test_unknown_norm_is_rejected() -> None:

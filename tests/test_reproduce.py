@@ -1,0 +1,175 @@
+"""reproduce.py end to end on tiny generated data, its resumption and its table arithmetic."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import reproduce
+import trainer
+from options import parse_options
+from tests.conftest import TINY_MODEL_FLAGS
+
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads wait on each other (tiny GRUs 50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reproduce_argv(tiny_data: dict, root: str, *extra: str) -> list[str]:
+    model_flags = [f for f in TINY_MODEL_FLAGS if f not in ("--device", "cpu")]
+    return ["--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
+            "--data_name", tiny_data["name"], "--vocab_path", tiny_data["vocab"], "--epochs", "1",
+            "--seeds", ",".join(map(str, SEEDS)), "--device", "cpu", "--results_dir", f"{root}/results",
+            "--runs_dir", f"{root}/runs", *model_flags, *extra]
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list]:
+    """Record every training and evaluation reproduce.py starts."""
+    seen = {"train": [], "evaluate": []}
+    train_main, evaluate_main = trainer.main, evaluate.main
+
+    def counted_train(kind, argv):
+        seen["train"].append((kind, argv))
+        return train_main(kind, argv)
+
+    def counted_evaluate(argv):
+        seen["evaluate"].append(argv)
+        return evaluate_main(argv)
+    monkeypatch.setattr(trainer, "main", counted_train)
+    monkeypatch.setattr(evaluate, "main", counted_evaluate)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def reproduced(tiny_data, tmp_path_factory) -> tuple[str, dict]:
+    root = str(tmp_path_factory.mktemp("reproduce"))
+    table = reproduce.main(reproduce_argv(tiny_data, root, "--alpha_1", "0.5", "--beta_2=0.3"))
+    return root, table
+
+
+def test_writes_table_with_every_row(reproduced, tiny_data) -> None:
+    root, table = reproduced
+    folder = os.path.join(root, "results", tiny_data["name"])
+    on_disk = json.load(open(os.path.join(folder, "table.json"), encoding="utf-8"))
+    assert list(on_disk["rows"]) == list(reproduce.ROWS)
+    assert on_disk["seeds"] == list(SEEDS) and on_disk["epochs"] == 1 and on_disk["split"] == "test"
+    row = on_disk["rows"]["fused (w tuned on dev)"]
+    assert len(row["i2t mAP"]["values"]) == len(SEEDS) and 0 < row["i2t mAP"]["mean"] <= 100
+    assert row["mean mAP"]["mean"] == pytest.approx((row["i2t mAP"]["mean"] + row["t2i mAP"]["mean"]) / 2)
+    assert on_disk["rows"]["global, untrained"]["dev_rising_at_last_epoch"] == "-"
+    assert on_disk["rows"]["global"]["dev_rising_at_last_epoch"] in ("0/2", "1/2", "2/2")
+    stages = on_disk["wall_time_s"]
+    assert len(stages) == len(SEEDS) * 7 and all(s >= 0 for s in stages.values())
+    markdown = open(os.path.join(folder, "table.md"), encoding="utf-8").read()
+    for label in reproduce.ROWS:
+        assert f"| {label} | " in markdown
+    assert " ± " in markdown and table["rows"] == on_disk["rows"]
+
+
+def test_runs_use_seeds_variants_and_routed_flags(reproduced, tiny_data) -> None:
+    root, _ = reproduced
+    runs = os.path.join(root, "runs", tiny_data["name"])
+    opts = {(variant, kind): torch.load(os.path.join(runs, variant, kind, "seed2", trainer.BEST),
+                                        weights_only=True)["opt"]
+            for variant in reproduce.VARIANTS for kind in reproduce.AUX_WEIGHTS}
+    assert all(o["seed"] == 2 and o["num_epochs"] == 1 and o["embed_size"] == 16 for o in opts.values())
+    assert (opts["full", "global"]["alpha_1"], opts["full", "global"]["alpha_2"]) == (0.5, 0.8)
+    assert (opts["full", "local"]["beta_1"], opts["full", "local"]["beta_2"]) == (0.4, 0.3)
+    assert (opts["noaux", "global"]["alpha_1"], opts["noaux", "global"]["alpha_2"]) == (0, 0)
+    assert (opts["noaux", "local"]["beta_1"], opts["noaux", "local"]["beta_2"]) == (0, 0)
+
+
+def test_rerun_trains_and_evaluates_nothing(reproduced, tiny_data, calls) -> None:
+    root, table = reproduced
+    again = reproduce.main(reproduce_argv(tiny_data, root, "--alpha_1", "0.5", "--beta_2=0.3"))
+    assert calls == {"train": [], "evaluate": []}
+    assert again["rows"] == table["rows"] and again["wall_time_s"] == table["wall_time_s"]
+
+
+def test_rerun_resumes_an_unfinished_run_and_reevaluates_it(tiny_data, tmp_path, calls) -> None:
+    argv = reproduce_argv(tiny_data, str(tmp_path), "--seeds", "1")
+    reproduce.main(argv)
+    folder = os.path.join(tmp_path, "runs", tiny_data["name"], "full", "local", "seed1")
+    last = os.path.join(folder, trainer.LAST)
+    state = torch.load(last, weights_only=True)
+    state["evaluated"] = False  # as if interrupted between the last batch and the dev evaluation
+    torch.save(state, last)
+    os.utime(os.path.join(folder, trainer.BEST))  # its best checkpoint is now newer than the evaluations
+    calls["train"].clear(), calls["evaluate"].clear()
+    reproduce.main(argv)
+    assert [kind for kind, _ in calls["train"]] == ["local"] and "--resume" in calls["train"][0][1]
+    assert len(calls["evaluate"]) == 1 and "trained.json" in calls["evaluate"][0][-1]  # the one reading it
+    assert torch.load(last, weights_only=True)["evaluated"]
+
+
+def test_changed_settings_are_refused(reproduced, tiny_data, capsys) -> None:
+    root, _ = reproduced
+    with pytest.raises(SystemExit):
+        reproduce.main(reproduce_argv(tiny_data, root, "--alpha_1", "0.5", "--beta_2=0.3", "--embed_size", "8"))
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--embed_size 16, now 8" in err and "--runs_dir" in err
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--num_epochs=3", "--resume"])
+def test_flags_reproduce_sets_are_refused(tiny_data, tmp_path, flag) -> None:
+    with pytest.raises(SystemExit):
+        reproduce.main(reproduce_argv(tiny_data, str(tmp_path), flag, "1"))
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_untrained_checkpoint_is_the_trainers_initial_model(tiny_data, tmp_path) -> None:
+    argv = ["--data_path", tiny_data["fine"], "--data_name", tiny_data["name"], "--vocab_path", tiny_data["vocab"],
+            "--logger_name", str(tmp_path), "--model_name", str(tmp_path), "--seed", "7", *TINY_MODEL_FLAGS]
+    opt = parse_options("local", argv)
+    reproduce.save_untrained("local", opt, str(tmp_path / "untrained.pth.tar"))
+    saved = torch.load(tmp_path / "untrained.pth.tar", weights_only=True)
+    initial = trainer.Trainer("local", opt).model.state_dict()
+    assert saved["epoch"] == 0 and saved["model"].keys() == initial.keys()
+    assert all(torch.equal(saved["model"][k], initial[k]) for k in initial)
+
+
+def test_flags_for_routes_aux_weights() -> None:
+    passthrough = ["--alpha_1", "0.5", "--beta_1=0.2", "--embed_size", "8", "--beta_2", "0.1", "--alpha_2=0"]
+    assert reproduce.flags_for("global", passthrough) == ["--alpha_1", "0.5", "--embed_size", "8", "--alpha_2=0"]
+    assert reproduce.flags_for("local", passthrough) == ["--beta_1=0.2", "--embed_size", "8", "--beta_2", "0.1"]
+
+
+def test_feature_dims_come_from_summary(tmp_path) -> None:
+    folder = tmp_path / "coarse" / "x_precomp"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"dims": {"cnn": 1280, "bovw": 500}}))
+    args, _ = reproduce.parse_args(["--global_data_path", str(tmp_path / "coarse"), "--data_name", "x_precomp"])
+    assert reproduce.feature_dims(args) == ["--cnn_dim", "1280", "--bovw_dim", "500"]
+    args.cnn_dim = 4096  # a given flag wins
+    assert reproduce.feature_dims(args) == ["--cnn_dim", "4096", "--bovw_dim", "500"]
+
+
+def test_mean_std_matches_plain_formula() -> None:
+    values = [31.25, 40.5, 28.0, 35.125]
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    result = reproduce.mean_std(values)
+    assert abs(result["mean"] - mean) < 1e-6 and abs(result["std"] - std) < 1e-6
+    assert reproduce.mean_std([12.0]) == {"mean": 12.0, "std": 0.0, "values": [12.0]}
+
+
+def test_dev_curve_and_still_rising(tmp_path) -> None:
+    (tmp_path / "performance.log").write_text(
+        "epoch 0 i2t_mAP 1.0 t2i_mAP 1.0 rsum 2.0\n"
+        "epoch 1 i2t_mAP 5.0 t2i_mAP 5.0 rsum 10.0\n"
+        "epoch 2 i2t_mAP 4.0 t2i_mAP 4.0 rsum 8.0\n"
+        "epoch 2 i2t_mAP 6.0 t2i_mAP 6.0 rsum 12.0\n")  # epoch 2 evaluated again after a resume
+    curve = reproduce.dev_curve(str(tmp_path))
+    assert curve == {0: 2.0, 1: 10.0, 2: 12.0} and reproduce.still_rising(curve)
+    assert not reproduce.still_rising({0: 2.0, 1: 10.0, 2: 9.0})

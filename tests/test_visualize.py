@@ -1,0 +1,93 @@
+"""visualize.py draws retrieval and attention figures on tiny generated data with generated images."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trainer
+import visualize
+from tests._images import CATEGORIES, draw_image
+from tests.conftest import train_argv
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_data, tmp_path_factory) -> dict[str, str]:
+    """One-epoch global and local checkpoints on the tiny data (one torch thread: the CPU is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("visualize_runs")
+    paths = {}
+    for kind in ("global", "local"):
+        trainer.main(kind, train_argv(kind, tiny_data, str(root / kind), "--num_epochs", "1"))
+        paths[kind] = str(root / kind / trainer.BEST)
+    yield paths
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images_file(tiny_data, tmp_path_factory) -> str:
+    """A generated picture for every test row, listed with paths relative to the list's folder."""
+    folder = tmp_path_factory.mktemp("pictures")
+    labels = np.load(os.path.join(tiny_data["coarse"], tiny_data["name"], "test_labels.npy"))
+    names = list(CATEGORIES)
+    lines = []
+    for row, label in enumerate(labels):
+        draw_image(names[int(label) % len(names)], row, size=(96, 64)).save(folder / f"row{row}.png")
+        lines.append(f"row{row}.png")
+    (folder / "test_images.txt").write_text("\n".join(lines) + "\n")
+    return str(folder / "test_images.txt")
+
+
+def visualize_argv(checkpoints: dict, tiny_data: dict, out_dir: str, *extra: str) -> list[str]:
+    return ["--global_ckpt", checkpoints["global"], "--local_ckpt", checkpoints["local"],
+            "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
+            "--device", "cpu", "--out_dir", out_dir, "--queries", "3", "--seed", "1", *extra]
+
+
+def test_writes_retrieval_and_attention_pngs(checkpoints, tiny_data, images_file, tmp_path) -> None:
+    paths = visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", images_file))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names[-2:] == ["image_to_text.png", "text_to_image.png"]
+    assert len(names) == 5 and all(n.startswith("attention_") for n in names[:3])
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 150
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.std() > 10  # something is drawn, not a blank page
+
+
+def test_frames_show_relevance(checkpoints, tiny_data, images_file, tmp_path) -> None:
+    """The text-to-image figure holds green and red frame pixels where relevant and other images ranked."""
+    visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", images_file,
+                                  "--global_ckpt", "", "--queries", "4"))
+    pixels = np.asarray(Image.open(tmp_path / "text_to_image.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(p) for p in np.unique(pixels, axis=0)}
+    assert visualize.GREEN in colours and visualize.RED in colours
+
+
+def test_attention_rows_are_distributions(checkpoints, tiny_data, images_file) -> None:
+    args = visualize.parse_args(visualize_argv(checkpoints, tiny_data, "unused", "--images_file", images_file))
+    gallery = visualize.Gallery(args)
+    words, weights = visualize.word_attention(gallery, 2)
+    caption = gallery.captions[2].lower().split()
+    assert words[0] == "<start>" and words[-1] == "<end>" and len(words) == len(caption) + 2
+    assert weights.shape == (len(words), 9) and np.allclose(weights.sum(axis=1), 1.0)
+
+
+def test_missing_images_file_is_one_clear_line(checkpoints, tiny_data, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path)))
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "test_images.txt: images file not found" in err
+
+
+def test_wrong_number_of_images_is_refused(checkpoints, tiny_data, images_file, tmp_path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(open(images_file).read().split()[:-1]) + "\n")
+    with pytest.raises(SystemExit):
+        visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", str(short)))
+    assert "19 image paths for 20 feature rows" in capsys.readouterr().err

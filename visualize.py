@@ -1,0 +1,235 @@
+"""Pictures of what trained subnetworks retrieve and where the local one looks (PNG files).
+
+  python visualize.py --global_ckpt G --local_ckpt L --split test --out_dir figures --queries 4
+
+Writes to --out_dir:
+  text_to_image.png   caption queries, each with its top 5 images framed green (relevant: a shared
+                      category) or red
+  image_to_text.png   image queries, each with its top 5 captions in green or red
+  attention_<j>.png   with a local checkpoint: one image and its caption j, each word's attention
+                      weights over the 3x3 blocks drawn on the image
+Retrieval uses the fused score (w given, or tuned on dev) when both checkpoints are given. The images
+are read from --images_file, one path per feature row (prepare_data.py writes <split>_images.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import evaluate
+from data import split_file
+from errors import InputError, report_errors
+from loss import relevance
+from model_local import text_to_image_attention
+from options import resolve_device
+from vocab import read_captions
+
+TOP = 5
+GREEN, RED = (40, 160, 60), (200, 40, 40)
+THUMB = 192  # pixels of the longer side of a drawn image
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--global_ckpt", default="", help="checkpoint of train_global.py")
+    p.add_argument("--local_ckpt", default="", help="checkpoint of train_local.py (needed for attention)")
+    p.add_argument("--data_path", default="", help="data folder when one checkpoint is given (default: its own)")
+    p.add_argument("--global_data_path", default="", help="coarse-grained data folder (default: the checkpoint's)")
+    p.add_argument("--local_data_path", default="", help="fine-grained data folder (default: the checkpoint's)")
+    p.add_argument("--data_name", default="", help="dataset name (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="split to draw; test falls back to dev when absent")
+    p.add_argument("--images_file", default="", help="image path of each feature row "
+                   "(default: <data>/<split>_images.txt); relative paths are read from its folder")
+    p.add_argument("--out_dir", default="figures")
+    p.add_argument("--queries", type=int, default=4, help="queries per figure (and attention figures)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
+    p.add_argument("--fusion_weight", type=float, default=0.5, help="w in w * global + (1 - w) * local")
+    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
+    p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
+    p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    if not (args.global_ckpt or args.local_ckpt):
+        p.error("give --global_ckpt, --local_ckpt or both")
+    if args.queries < 1:
+        p.error("--queries must be at least 1")
+    return args
+
+
+def read_image_paths(path: str, count: int) -> list[str]:
+    """One image path per feature row; every one must exist."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: images file not found (prepare_data.py writes it; or pass --images_file)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    if len(lines) != count:
+        raise InputError(f"{path}: {len(lines)} image paths for {count} feature rows")
+    paths = [p if os.path.isabs(p) else os.path.join(os.path.dirname(path), p) for p in lines]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} listed images do not exist (first: {missing[0]})")
+    return paths
+
+
+def thumbnail(path: str, frame: tuple[int, int, int] | None = None) -> Image.Image:
+    """An RGB image scaled to THUMB pixels, with a coloured frame when given."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
+    image.thumbnail((THUMB, THUMB))
+    return ImageOps.expand(image, border=max(4, THUMB // 24), fill=frame) if frame else image
+
+
+class Gallery:
+    """A split's similarities, images, captions and relevance, as the figures need them."""
+
+    def __init__(self, args: argparse.Namespace):
+        nets = evaluate.open_subnetworks(args, resolve_device(args.device))
+        self.split = evaluate.pick_split(nets, args.split)
+        weight = None
+        if len(nets) == 2:
+            evaluate.check_same_items(nets, self.split)
+            weight = evaluate.tune_weight(nets) if args.tune_fusion else args.fusion_weight
+        rows = evaluate.score_rows(nets, self.split, weight)
+        self.score_name = "fused" if weight is not None else nets[0].kind
+        self.sims = rows[self.score_name]  # (images, captions)
+        self.describe = f"{self.score_name} score" + (f", w = {weight:.2f}" if weight is not None else "")
+        self.local = next((net for net in nets if net.kind == "local"), None)
+        dataset = nets[0].dataset(self.split)
+        folder = os.path.join(nets[0].data_path, nets[0].data_name)
+        self.captions = read_captions(split_file(folder, self.split, "caps"))
+        self.images = read_image_paths(args.images_file or os.path.join(folder, f"{self.split}_images.txt"),
+                                       self.sims.shape[0])
+        labels = dataset.labels
+        self.relevant = relevance(labels, labels).numpy()  # (images, captions)
+
+    def image_of_caption(self, caption: int) -> int:
+        """Row of the image a caption describes."""
+        return caption
+
+
+def ranked(scores: np.ndarray) -> np.ndarray:
+    """Indices of the TOP best scores, best first, ties in index order."""
+    return np.argsort(-scores, kind="stable")[:TOP]
+
+
+def plt_figure(rows: int, cols: int, width: float, height: float, width_ratios: list[float] | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False,
+                             gridspec_kw={"width_ratios": width_ratios})
+    for ax in axes.flat:
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def save(plt, fig, path: str) -> None:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def wrapped(text: str, width: int = 24, lines: int = 5) -> str:
+    return "\n".join(textwrap.wrap(text, width)[:lines])
+
+
+def draw_text_to_image(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+    """Each caption query, then its top images framed green (relevant) or red."""
+    plt, fig, axes = plt_figure(len(queries), TOP + 1, 2.2 * (TOP + 1), 2.0 * len(queries))
+    for row, caption in zip(axes, queries):
+        row[0].text(0.0, 0.5, f"caption {caption}:\n" + wrapped(gallery.captions[caption]), va="center",
+                    fontsize=10, wrap=True)
+        for rank, (ax, image) in enumerate(zip(row[1:], ranked(gallery.sims[:, caption])), 1):
+            hit = gallery.relevant[image, caption]
+            ax.imshow(thumbnail(gallery.images[image], GREEN if hit else RED))
+            ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}", fontsize=9)
+    fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant (shared "
+                 "category), red: not", fontsize=11)
+    save(plt, fig, path)
+
+
+def draw_image_to_text(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+    """Each image query, then its top captions in green (relevant) or red."""
+    plt, fig, axes = plt_figure(len(queries), 2, 11.0, 2.0 * len(queries), width_ratios=[1, 3.5])
+    for (image_ax, text_ax), image in zip(axes, queries):
+        image_ax.imshow(thumbnail(gallery.images[image]))
+        image_ax.set_title(f"image {image}", fontsize=9)
+        for rank, caption in enumerate(ranked(gallery.sims[image]), 1):
+            hit = gallery.relevant[image, caption]
+            text = textwrap.shorten(gallery.captions[caption], 80)
+            text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {gallery.sims[image, caption]:.3f}  {text}",
+                         color=np.array(GREEN if hit else RED) / 255, fontsize=10, va="center")
+    fig.suptitle(f"image -> caption, {gallery.split} split, {gallery.describe}; green: relevant (shared "
+                 "category), red: not", fontsize=11)
+    save(plt, fig, path)
+
+
+@torch.no_grad()
+def word_attention(gallery: Gallery, caption: int) -> tuple[list[str], np.ndarray]:
+    """Tokens of a caption (with <start> and <end>) and their attention weights (words x 9 blocks)."""
+    net = gallery.local
+    cnn, _, tokens, *_ = net.dataset(gallery.split)[caption]
+    lengths = torch.tensor([len(tokens)])
+    blocks, words = net.model.encode_primary(cnn[None].to(net.device), tokens[None].to(net.device), lengths)
+    weights = text_to_image_attention(words[0], blocks[0], net.model.raw_feature_norm, net.model.lambda_softmax)
+    return [net.vocab.idx2word[int(t)] for t in tokens], weights.cpu().numpy()
+
+
+def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
+    """The image of a caption, then one panel per word with its attention over the 3x3 blocks."""
+    words, weights = word_attention(gallery, caption)
+    image = thumbnail(gallery.images[gallery.image_of_caption(caption)])
+    width, height = image.size
+    grid = int(round(weights.shape[1] ** 0.5))
+    cols = min(len(words) + 1, 7)
+    rows = -(-(len(words) + 1) // cols)
+    plt, fig, axes = plt_figure(rows, cols, 2.4 * cols, 2.5 * rows)
+    axes = axes.flat
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=9)
+    for ax, word, w in zip(axes[1:], words, weights):
+        ax.imshow(image)
+        # Blocks are row-major from the top left, as the features were cut.
+        ax.imshow(w.reshape(grid, grid), cmap="inferno", alpha=0.55, vmin=0.0, vmax=float(weights.max()),
+                  extent=(0, width, height, 0), interpolation="nearest")
+        for k, value in enumerate(w):
+            ax.text((k % grid + 0.5) * width / grid, (k // grid + 0.5) * height / grid, f"{value:.2f}",
+                    ha="center", va="center", fontsize=7, color="white")
+        ax.set_title(word, fontsize=10)
+    fig.suptitle(f"local attention of caption {caption} over its image's 3x3 blocks ({gallery.split} split; "
+                 "each word's weights sum to 1, <unk>: a word outside the vocabulary)\n"
+                 + wrapped(gallery.captions[caption], 90, 2), fontsize=10)
+    save(plt, fig, path)
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> list[str]:
+    """Draw the figures; returns the paths written."""
+    args = parse_args(argv)
+    gallery = Gallery(args)
+    rng = np.random.default_rng(args.seed)
+    n_images, n_captions = gallery.sims.shape
+    caption_queries = rng.choice(n_captions, min(args.queries, n_captions), replace=False)
+    image_queries = rng.choice(n_images, min(args.queries, n_images), replace=False)
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = [os.path.join(args.out_dir, "text_to_image.png"), os.path.join(args.out_dir, "image_to_text.png")]
+    draw_text_to_image(gallery, caption_queries, paths[0])
+    draw_image_to_text(gallery, image_queries, paths[1])
+    if gallery.local is None:
+        print("notice: no --local_ckpt, so no attention figures")
+        return paths
+    for caption in caption_queries:
+        paths.append(os.path.join(args.out_dir, f"attention_{caption}.png"))
+        draw_attention(gallery, int(caption), paths[-1])
+    return paths
+
+
+if __name__ == "__main__":
+    main()
