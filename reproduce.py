@@ -298,7 +298,8 @@ def build_table(repro: Reproduction, evaluations: dict[int, dict[str, dict]]) ->
         rows[label]["dev_rising_at_last_epoch"] = rising_note(repro, variant, kinds)
     first = evaluations[repro.args.seeds[0]]["trained"]
     wall = repro.timings.seconds
-    return {"data_name": repro.args.data_name, "split": first["split"], "seeds": repro.args.seeds,
+    return {"data_name": repro.args.data_name, "split": first["split"], "images": first["images"],
+            "captions_per_image": first["captions_per_image"], "seeds": repro.args.seeds,
             "epochs": repro.args.epochs, "training_flags": repro.dims + repro.passthrough,
             "fusion_weights": {name: {s: evaluations[s][name]["fusion_weight"] for s in repro.args.seeds}
                                for name in EVALUATIONS},
@@ -310,6 +311,7 @@ def format_markdown(table: dict) -> str:
     seeds = ", ".join(map(str, table["seeds"]))
     head = ["model"] + [f"{d} {m}" if d != "mean" else "mean mAP" for d, m in METRICS] + ["dev mAP rising at last epoch"]
     lines = [f"# M2HSE on {table['data_name']}: {table['split']} split, mean ± std over seeds {seeds}", "",
+             f"{table['images']} images with {table['captions_per_image']} captions each.",
              f"{table['epochs']} epochs per subnetwork; training flags: {' '.join(table['training_flags']) or 'defaults'}.",
              "mAP@all and R@K in percent; std is the sample standard deviation over seeds. Fusion weight w tuned on "
              "dev per seed: " + "; ".join(f"{name} " + ", ".join(f"{w:.2f}" for w in ws.values())

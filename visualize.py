@@ -106,12 +106,12 @@ class Gallery:
         self.captions = read_captions(split_file(folder, self.split, "caps"))
         self.images = read_image_paths(args.images_file or os.path.join(folder, f"{self.split}_images.txt"),
                                        self.sims.shape[0])
-        labels = dataset.labels
-        self.relevant = relevance(labels, labels).numpy()  # (images, captions)
+        self.captions_per_image = dataset.captions_per_image
+        self.relevant = relevance(dataset.labels, dataset.caption_labels).numpy()  # (images, captions)
 
     def image_of_caption(self, caption: int) -> int:
         """Row of the image a caption describes."""
-        return caption
+        return caption // self.captions_per_image
 
 
 def ranked(scores: np.ndarray) -> np.ndarray:

@@ -64,6 +64,7 @@ def test_writes_table_with_every_row(reproduced, tiny_data) -> None:
     on_disk = json.load(open(os.path.join(folder, "table.json"), encoding="utf-8"))
     assert list(on_disk["rows"]) == list(reproduce.ROWS)
     assert on_disk["seeds"] == list(SEEDS) and on_disk["epochs"] == 1 and on_disk["split"] == "test"
+    assert on_disk["images"] == 20 and on_disk["captions_per_image"] == 1
     row = on_disk["rows"]["fused (w tuned on dev)"]
     assert len(row["i2t mAP"]["values"]) == len(SEEDS) and 0 < row["i2t mAP"]["mean"] <= 100
     assert row["mean mAP"]["mean"] == pytest.approx((row["i2t mAP"]["mean"] + row["t2i mAP"]["mean"]) / 2)

@@ -1,4 +1,5 @@
-"""visualize.py draws retrieval and attention figures on tiny generated data with generated images."""
+"""visualize.py draws retrieval and attention figures on tiny generated data (3 captions per image) with
+generated images."""
 from __future__ import annotations
 
 import os
@@ -10,29 +11,47 @@ from PIL import Image
 
 import trainer
 import visualize
+from synthetic import generate
 from tests._images import CATEGORIES, draw_image
-from tests.conftest import train_argv
+from tests.conftest import TINY, train_argv
+from vocab import build_vocab, save_vocab, vocab_file
+
+K = 3
+TEST_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_data, tmp_path_factory) -> dict[str, str]:
+def three_data(tmp_path_factory) -> dict:
+    """A 16/8/8-image synthetic dataset with 3 captions per image, and its vocabulary."""
+    root = tmp_path_factory.mktemp("three")
+    generate(str(root), "three_precomp", {"train": 16, "dev": 8, "test": TEST_IMAGES}, seed=4,
+             captions_per_image=K, **TINY)
+    coarse = os.path.join(root, "coarse-grained-data")
+    caps = [os.path.join(coarse, "three_precomp", f"{s}_caps.txt") for s in ("train", "dev")]
+    save_vocab(build_vocab(caps, threshold=1), vocab_file(os.path.join(root, "vocab"), "three_precomp"))
+    return {"coarse": coarse, "fine": os.path.join(root, "fine-grained-data"), "name": "three_precomp",
+            "vocab": os.path.join(root, "vocab")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(three_data, tmp_path_factory) -> dict[str, str]:
     """One-epoch global and local checkpoints on the tiny data (one torch thread: the CPU is shared)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("visualize_runs")
     paths = {}
     for kind in ("global", "local"):
-        trainer.main(kind, train_argv(kind, tiny_data, str(root / kind), "--num_epochs", "1"))
+        trainer.main(kind, train_argv(kind, three_data, str(root / kind), "--num_epochs", "1"))
         paths[kind] = str(root / kind / trainer.BEST)
     yield paths
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def images_file(tiny_data, tmp_path_factory) -> str:
-    """A generated picture for every test row, listed with paths relative to the list's folder."""
+def images_file(three_data, tmp_path_factory) -> str:
+    """A generated picture for every test image row, listed with paths relative to the list's folder."""
     folder = tmp_path_factory.mktemp("pictures")
-    labels = np.load(os.path.join(tiny_data["coarse"], tiny_data["name"], "test_labels.npy"))
+    labels = np.load(os.path.join(three_data["coarse"], three_data["name"], "test_labels.npy"))
     names = list(CATEGORIES)
     lines = []
     for row, label in enumerate(labels):
@@ -42,14 +61,14 @@ def images_file(tiny_data, tmp_path_factory) -> str:
     return str(folder / "test_images.txt")
 
 
-def visualize_argv(checkpoints: dict, tiny_data: dict, out_dir: str, *extra: str) -> list[str]:
+def visualize_argv(checkpoints: dict, three_data: dict, out_dir: str, *extra: str) -> list[str]:
     return ["--global_ckpt", checkpoints["global"], "--local_ckpt", checkpoints["local"],
-            "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
+            "--global_data_path", three_data["coarse"], "--local_data_path", three_data["fine"],
             "--device", "cpu", "--out_dir", out_dir, "--queries", "3", "--seed", "1", *extra]
 
 
-def test_writes_retrieval_and_attention_pngs(checkpoints, tiny_data, images_file, tmp_path) -> None:
-    paths = visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", images_file))
+def test_writes_retrieval_and_attention_pngs(checkpoints, three_data, images_file, tmp_path) -> None:
+    paths = visualize.main(visualize_argv(checkpoints, three_data, str(tmp_path), "--images_file", images_file))
     names = sorted(os.path.basename(p) for p in paths)
     assert names[-2:] == ["image_to_text.png", "text_to_image.png"]
     assert len(names) == 5 and all(n.startswith("attention_") for n in names[:3])
@@ -60,34 +79,46 @@ def test_writes_retrieval_and_attention_pngs(checkpoints, tiny_data, images_file
         assert pixels.std() > 10  # something is drawn, not a blank page
 
 
-def test_frames_show_relevance(checkpoints, tiny_data, images_file, tmp_path) -> None:
+def test_frames_show_relevance(checkpoints, three_data, images_file, tmp_path) -> None:
     """The text-to-image figure holds green and red frame pixels where relevant and other images ranked."""
-    visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", images_file,
+    visualize.main(visualize_argv(checkpoints, three_data, str(tmp_path), "--images_file", images_file,
                                   "--global_ckpt", "", "--queries", "4"))
     pixels = np.asarray(Image.open(tmp_path / "text_to_image.png").convert("RGB")).reshape(-1, 3)
     colours = {tuple(p) for p in np.unique(pixels, axis=0)}
     assert visualize.GREEN in colours and visualize.RED in colours
 
 
-def test_attention_rows_are_distributions(checkpoints, tiny_data, images_file) -> None:
-    args = visualize.parse_args(visualize_argv(checkpoints, tiny_data, "unused", "--images_file", images_file))
+def test_attention_rows_are_distributions(checkpoints, three_data, images_file) -> None:
+    args = visualize.parse_args(visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file))
     gallery = visualize.Gallery(args)
-    words, weights = visualize.word_attention(gallery, 2)
-    caption = gallery.captions[2].lower().split()
+    words, weights = visualize.word_attention(gallery, 7)
+    caption = gallery.captions[7].lower().split()
     assert words[0] == "<start>" and words[-1] == "<end>" and len(words) == len(caption) + 2
     assert weights.shape == (len(words), 9) and np.allclose(weights.sum(axis=1), 1.0)
+    assert gallery.image_of_caption(7) == 2  # caption j describes image j // k
 
 
-def test_missing_images_file_is_one_clear_line(checkpoints, tiny_data, tmp_path, capsys) -> None:
+def test_relevance_pairs_images_with_captions(checkpoints, three_data, images_file) -> None:
+    args = visualize.parse_args(visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file))
+    gallery = visualize.Gallery(args)
+    labels = np.load(os.path.join(three_data["coarse"], three_data["name"], "test_labels.npy"))
+    assert gallery.sims.shape == gallery.relevant.shape == (TEST_IMAGES, K * TEST_IMAGES)
+    assert len(gallery.captions) == K * TEST_IMAGES and len(gallery.images) == TEST_IMAGES
+    for i in range(TEST_IMAGES):
+        for j in range(K * TEST_IMAGES):
+            assert gallery.relevant[i, j] == (labels[i] == labels[j // K])
+
+
+def test_missing_images_file_is_one_clear_line(checkpoints, three_data, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
-        visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path)))
+        visualize.main(visualize_argv(checkpoints, three_data, str(tmp_path)))
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "test_images.txt: images file not found" in err
 
 
-def test_wrong_number_of_images_is_refused(checkpoints, tiny_data, images_file, tmp_path, capsys) -> None:
+def test_wrong_number_of_images_is_refused(checkpoints, three_data, images_file, tmp_path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("\n".join(open(images_file).read().split()[:-1]) + "\n")
     with pytest.raises(SystemExit):
-        visualize.main(visualize_argv(checkpoints, tiny_data, str(tmp_path), "--images_file", str(short)))
-    assert "19 image paths for 20 feature rows" in capsys.readouterr().err
+        visualize.main(visualize_argv(checkpoints, three_data, str(tmp_path), "--images_file", str(short)))
+    assert f"{TEST_IMAGES - 1} image paths for {TEST_IMAGES} feature rows" in capsys.readouterr().err
