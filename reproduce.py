@@ -1,6 +1,6 @@
 """One command from prepared features (both granularities) to the results table of M2HSE.
 
-  python reproduce.py --data_name rsicd_precomp --epochs 10 --seeds 1,2,3 --embed_size 256 --batch_size 128
+  python reproduce.py --data_name rsicd_precomp --epochs 4 --seeds 1,2,3 --embed_size 128 --batch_size 64
 
 For every seed it trains the global and local subnetworks, and both again without auxiliary terms
 (alpha = beta = 0), keeps each freshly initialised model, and evaluates on test the untrained, trained
