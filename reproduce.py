@@ -22,8 +22,9 @@ import evaluate
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import InputError, report_errors
+from files import atomic_write_bytes, check_writable
 from models import build_model
-from options import parse_options
+from options import changed_options, parse_options
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file
 
 AUX_WEIGHTS = {"global": ("alpha_1", "alpha_2"), "local": ("beta_1", "beta_2")}
@@ -47,9 +48,6 @@ METRICS = (("i2t", "mAP"), ("t2i", "mAP"), ("mean", "mAP"), ("i2t", "R@1"), ("i2
            ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
 # Flags reproduce.py sets itself for every run; they may not be passed through.
 OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume")
-# Options that may differ between a finished run and a rerun without changing what was trained.
-RUN_ONLY_OPTIONS = {"resume", "device", "gpuid", "workers", "log_step", "num_epochs", "data_path", "vocab_path",
-                    "logger_name", "model_name"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -142,11 +140,7 @@ class Timings:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Write through a temporary file, so an interrupted write never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode("utf-8"))
 
 
 class Reproduction:
@@ -238,11 +232,10 @@ def save_untrained(kind: str, opt: dict, path: str) -> None:
 def finished(last: str, opt: dict) -> bool:
     """Whether a run's last checkpoint has trained and evaluated --epochs epochs with these options."""
     ckpt = load_checkpoint(last, opt["kind"])
-    changed = sorted(k for k in opt if k not in RUN_ONLY_OPTIONS and ckpt["opt"].get(k) != opt[k])
-    if changed:
-        key = changed[0]
-        raise InputError(f"{last}: this run was trained with --{key} {ckpt['opt'].get(key)}, now {opt[key]} is asked "
-                         f"for; use another --runs_dir or delete {os.path.dirname(last)}")
+    changes = changed_options(ckpt["opt"], opt)
+    if changes:
+        raise InputError(f"{last}: this run was trained with other settings ({'; '.join(changes.values())}); "
+                         f"use another --runs_dir or delete {os.path.dirname(last)}")
     if ckpt["epoch"] > opt["num_epochs"]:
         raise InputError(f"{last}: this run has trained {ckpt['epoch']} epochs, more than --epochs "
                          f"{opt['num_epochs']}; use another --runs_dir or the same --epochs")
@@ -328,6 +321,8 @@ def format_markdown(table: dict) -> str:
 @report_errors
 def main(argv: list[str] | None = None) -> dict:
     args, passthrough = parse_args(argv)
+    check_writable(args.results_dir, "--results_dir")
+    check_writable(args.runs_dir, "--runs_dir")
     ensure_vocab(args)
     for kind in AUX_WEIGHTS:  # bad pass-through flags stop here, before anything trains
         parse_options(kind, flags_for(kind, passthrough))
@@ -335,8 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = build_table(repro, repro.run())
     write_json(os.path.join(repro.results, "table.json"), table)
     markdown = format_markdown(table)
-    with open(os.path.join(repro.results, "table.md"), "w", encoding="utf-8") as f:
-        f.write(markdown)
+    atomic_write_bytes(os.path.join(repro.results, "table.md"), markdown.encode("utf-8"))
     print("\n" + markdown + f"\nwrote {repro.results}/table.md and table.json")
     return table
 

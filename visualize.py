@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import evaluate
 from data import split_file
 from errors import InputError, report_errors
+from files import atomic_write, check_writable
 from loss import relevance
 from model_local import text_to_image_attention
 from options import resolve_device
@@ -131,8 +132,10 @@ def plt_figure(rows: int, cols: int, width: float, height: float, width_ratios: 
 
 
 def save(plt, fig, path: str) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -213,12 +216,12 @@ def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
 def main(argv: list[str] | None = None) -> list[str]:
     """Draw the figures; returns the paths written."""
     args = parse_args(argv)
+    check_writable(args.out_dir, "--out_dir")
     gallery = Gallery(args)
     rng = np.random.default_rng(args.seed)
     n_images, n_captions = gallery.sims.shape
     caption_queries = rng.choice(n_captions, min(args.queries, n_captions), replace=False)
     image_queries = rng.choice(n_images, min(args.queries, n_images), replace=False)
-    os.makedirs(args.out_dir, exist_ok=True)
     paths = [os.path.join(args.out_dir, "text_to_image.png"), os.path.join(args.out_dir, "image_to_text.png")]
     draw_text_to_image(gallery, caption_queries, paths[0])
     draw_image_to_text(gallery, image_queries, paths[1])

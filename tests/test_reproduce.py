@@ -119,7 +119,7 @@ def test_changed_settings_are_refused(reproduced, tiny_data, capsys) -> None:
     with pytest.raises(SystemExit):
         reproduce.main(reproduce_argv(tiny_data, root, "--alpha_1", "0.5", "--beta_2=0.3", "--embed_size", "8"))
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--embed_size 16, now 8" in err and "--runs_dir" in err
+    assert err.count("\n") == 0 and "--embed_size 16 in the checkpoint, 8 given" in err and "--runs_dir" in err
 
 
 @pytest.mark.parametrize("flag", ["--seed", "--num_epochs=3", "--resume"])
