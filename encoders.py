@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,11 +68,17 @@ def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_m
     raise ValueError(f"unknown text pooling {mode!r}: use padded_mean or masked_mean")
 
 
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs back to float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class TwoBranchModel(nn.Module):
     """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
 
     Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2) and define
-    `encode_primary_texts`.
+    `encode_primary_texts` and `similarities(encoded)`: S_P, S_A1, S_A2 (B, B) of the outputs of `encode`,
+    rows images.
     """
 
     kind = ""
@@ -94,6 +101,24 @@ class TwoBranchModel(nn.Module):
                        lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Primary image and caption embeddings of a batch (the inputs of primary_similarity)."""
         return self.encode_primary_images(cnn), self.encode_primary_texts(captions, lengths)
+
+    def encode(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
+               lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-item outputs of the four encoders (image vectors or blocks, padded word vectors, lengths)."""
+        return {"cnn": self.img_cnn(cnn), "bovw": self.img_bovw(bovw), "cnn_words": self.txt_cnn(captions, lengths),
+                "bovw_words": self.txt_bovw(captions, lengths), "lengths": lengths}
+
+    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 of a batch; `gather` joins the slices of all ranks into the global batch.
+
+        Under autocast the encoders may run in half precision; the similarities are computed in float32.
+        """
+        encoded = {name: to_float32(value) for name, value in self.encode(cnn, bovw, captions, lengths).items()}
+        if gather is not None:
+            encoded = {name: gather(value) for name, value in encoded.items()}
+        with torch.autocast(cnn.device.type, enabled=False):
+            return self.similarities(encoded)
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each similarity's MSB term: 1 for S_P, the option values for S_A1, S_A2."""

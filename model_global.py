@@ -15,12 +15,16 @@ class GlobalModel(TwoBranchModel):
     def _caption_vectors(self, encoder, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return pool_words(encoder(captions, lengths), lengths, self.opt["text_pooling"])
 
-    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 of a batch, each (B, B), rows images."""
-        c, b = self.img_cnn(cnn), self.img_bovw(bovw)
-        t_c = self._caption_vectors(self.txt_cnn, captions, lengths)
-        t_b = self._caption_vectors(self.txt_bovw, captions, lengths)
+    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 of a batch, each (B, B), rows images.
+
+        Captions are pooled here, on the whole batch, so padded_mean divides by the batch's longest
+        caption even when the batch was gathered from several processes.
+        """
+        lengths, pooling = encoded["lengths"], self.opt["text_pooling"]
+        c, b = encoded["cnn"], encoded["bovw"]
+        t_c = pool_words(encoded["cnn_words"], lengths, pooling)
+        t_b = pool_words(encoded["bovw_words"], lengths, pooling)
         return {"P": c @ t_c.T, "A1": b @ t_b.T, "A2": c @ b.T}
 
     def encode_primary_texts(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

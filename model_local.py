@@ -173,16 +173,13 @@ class LocalModel(TwoBranchModel):
         return paired_attention(rows, row_lengths, cols, col_lengths, self.raw_feature_norm,
                                 self.lambda_softmax)
 
-    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 (B, B) for block features cnn (B, 9, cnn_dim), bovw (B, 9, bovw_dim)."""
-        cnn_blocks, cnn_words = self.encode_primary(cnn, captions, lengths)
-        bovw_blocks = self.img_bovw(bovw)
-        bovw_words = self.txt_bovw(captions, lengths)
+    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 (B, B) of block embeddings (B, 9, d) and padded word vectors (B, L, d)."""
+        cnn_blocks, bovw_blocks, lengths = encoded["cnn"], encoded["bovw"], encoded["lengths"]
         block_lengths = _block_lengths(cnn_blocks)
         return {
-            "P": self._paired(cnn_blocks, block_lengths, cnn_words, lengths),
-            "A1": self._paired(bovw_blocks, block_lengths, bovw_words, lengths),
+            "P": self._paired(cnn_blocks, block_lengths, encoded["cnn_words"], lengths),
+            "A1": self._paired(bovw_blocks, block_lengths, encoded["bovw_words"], lengths),
             "A2": self._paired(cnn_blocks, block_lengths, bovw_blocks, block_lengths),
         }
 

@@ -61,7 +61,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    run.add_argument("--gpuid", type=int, default=0, help="CUDA device index when on GPU")
+    run.add_argument("--gpuid", type=int, default=0, help="CUDA device index when on GPU (one process)")
+    run.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                     help="mixed precision of the encoders (autocast); fp16 needs CUDA and uses a grad scaler")
+    run.add_argument("--dist_timeout", type=float, default=30.0,
+                     help="minutes a process waits for the others under torchrun before it stops")
     run.add_argument("--log_step", type=int, default=10, help="batches between loss-log lines")
     run.add_argument("--logger_name", default=d["run_dir"], help="logs and TensorBoard scalars")
     run.add_argument("--model_name", default=d["run_dir"], help="checkpoints")
@@ -78,7 +82,7 @@ def parse_options(kind: str, argv: list[str] | None = None) -> dict:
 
 # options that say where and how a run happens, not what it computes: free to change on --resume
 RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
-                    "model_name", "device", "gpuid", "workers", "log_step")
+                    "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout")
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
 
 
@@ -100,6 +104,7 @@ def check_options(opt: dict, kind: str) -> None:
     for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", *weights):
         check_number(f"--{name}", opt[name], minimum=0)
     check_number("--gamma_2", opt["gamma_2"])
+    check_number("--dist_timeout", opt["dist_timeout"], above=0)
 
 
 def resolve_device(name: str = "auto", gpuid: int = 0) -> torch.device:

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import distributed
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
 from loss import msb_loss
 from files import check_writable, remove_stale_temporaries
 from models import build_model, load_weights
-from options import SHAPE_OPTIONS, changed_options, parse_options, resolve_device
+from options import SHAPE_OPTIONS, changed_options, parse_options
 from run_lock import RunLock
 from run_log import RunLogger
 from scoring import validate
@@ -32,13 +33,22 @@ def learning_rate(opt: dict, epoch: int) -> float:
     return opt["learning_rate"] * 0.1 ** (epoch // opt["lr_update"])
 
 
-def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Weighted MSB terms of one batch; 'loss' is their sum."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device,
+               gather=None) -> dict[str, torch.Tensor]:
+    """Weighted MSB terms of one batch; 'loss' is their sum.
+
+    Under torchrun `gather` joins every rank's slice, so each rank gets the loss of the global batch.
+    """
     cnn, bovw, captions, lengths, labels, _ = batch
-    sims = model(cnn.to(device), bovw.to(device), captions.to(device), lengths.to(device))
-    labels = labels.to(device)
+    amp = opt.get("amp", "off")
+    with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off"):
+        sims = model(cnn.to(device), bovw.to(device), captions.to(device), lengths.to(device), gather=gather)
+    labels = labels.to(device) if gather is None else gather(labels.to(device))
     terms = {name: weight * msb_loss(sims[name], labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])
-             for name, weight in model.loss_weights().items()}
+             for name, weight in getattr(model, "module", model).loss_weights().items()}  # DDP holds .module
     terms["loss"] = sum(terms.values())
     return terms
 
@@ -83,11 +93,16 @@ class Trainer:
         if opt["batch_size"] < 2:  # SPEC 5: an anchor needs a positive and a negative in its own batch
             raise InputError(f"--batch_size {opt['batch_size']} cannot produce a loss: the MSB loss needs a "
                              "positive and a negative of another label in each batch, so at least 2 items")
-        self.device = resolve_device(opt["device"], opt["gpuid"])
+        self.dist = distributed.setup(opt["device"], opt["gpuid"], opt["dist_timeout"])
+        self.device = self.dist.device
+        if opt["amp"] == "fp16" and self.device.type != "cuda":
+            raise InputError(f"--amp fp16 needs a CUDA device, training runs on {self.device.type}; "
+                             f"use --amp bf16 or --amp off")
         torch.manual_seed(opt["seed"])
         check_writable(opt["model_name"])  # before any data is read
         check_writable(opt["logger_name"], "log directory")
-        for name in remove_stale_temporaries(opt["model_name"]):
+        stale = remove_stale_temporaries(opt["model_name"]) if self.dist.is_main else []  # rank 0 owns the folder
+        for name in stale:
             print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
         self.train_set = self._dataset("train")
@@ -95,16 +110,29 @@ class Trainer:
         if opt["batch_size"] > len(self.train_set):
             raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
                              f"({len(self.train_set)} items in {opt['data_path']}/{opt['data_name']})")
+        self._check_batches_fill_ranks()
         self.model = build_model(kind, opt, len(self.vocab)).to(self.device)
+        self.train_model = distributed.wrap(self.model, self.dist)  # evaluated and saved: self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opt["learning_rate"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=opt["amp"] == "fp16")
         self.order_rng = torch.Generator().manual_seed(opt["seed"])
         self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
         self.evaluated = True  # False between an epoch's last batch and its dev evaluation
+        self.stops: distributed.StopRequests | None = None  # signals noted, under torchrun only
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
-        self.locks = self._lock_run_folders()
-        self.log = RunLogger(opt["logger_name"])
+        self.locks = self._lock_run_folders() if self.dist.is_main else []  # rank 0 writes the run folders
+        self.log = RunLogger(opt["logger_name"]) if self.dist.is_main else None
+
+    def _check_batches_fill_ranks(self) -> None:
+        """Under torchrun every batch, the last one included, must give each process at least one item."""
+        size, batch, ranks = len(self.train_set), self.opt["batch_size"], self.dist.world_size
+        smallest = min(batch, size % batch or batch)
+        if smallest < ranks:
+            raise InputError(f"--batch_size {batch} leaves a batch of {smallest} items ({size} train items) "
+                             f"for {ranks} processes; choose a batch size whose batches all have at least "
+                             f"{ranks} items")
 
     def _dataset(self, split: str) -> PrecompDataset:
         o = self.opt
@@ -136,7 +164,8 @@ class Trainer:
         return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
                 "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
-                "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image}
+                "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
+                "scaler": self.scaler.state_dict()}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
@@ -153,21 +182,27 @@ class Trainer:
         shape_changes = "; ".join(v for k, v in changes.items() if k in SHAPE_OPTIONS)
         load_weights(self.model, ckpt["model"], path, "the given options", shape_changes)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
         self.evaluated = ckpt.get("evaluated", True)
         self.epoch_rng_state = ckpt["order_rng"]
         torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
+        if self.dist.is_main:
+            print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
 
     def save(self, best: bool = False) -> list[str]:
         """Write model_best (when best) and checkpoint.pth.tar as one step SIGINT / SIGTERM cannot split.
 
         Returns the signals that arrived during the save, for the caller to act on. model_best is written
         first: a crash between the two files then leaves a checkpoint whose best score model_best holds.
+        Under torchrun rank 0 alone writes (every rank holds the same weights).
         """
         bad = nonfinite_tensors(self.model.state_dict())
         if bad:
             raise self.diverged(f"the weights hold NaN or inf ({', '.join(bad[:3])}); they were not saved")
+        if not self.dist.is_main:
+            return []
         state = self.state()
         with signals_held() as held:
             if best:
@@ -192,11 +227,13 @@ class Trainer:
         self.model.train()
         self.order_rng.set_state(self.epoch_rng_state)  # the epoch's order is redrawn identically on resume
         batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
-        loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], batches[self.step:])
+        mine = [self.dist.my_slice(batch) for batch in batches[self.step:]]  # all of it in one process
+        loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], mine)
         totals: dict[str, float] = {}
         count, learned = 0, False
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}", total=len(batches), initial=self.step,
-                   leave=False, file=sys.stderr, disable=None)  # no bar when stderr is not a terminal
+                   leave=False, file=sys.stderr,
+                   disable=None if self.dist.is_main else True)  # no bar off a terminal or off rank 0
         for batch in bar:
             terms = self.train_step(batch)
             learned = learned or terms["loss"] != 0
@@ -204,7 +241,10 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
             self.step, count = self.step + 1, count + 1
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            if self.step % self.opt["log_step"] == 0 or self.step == len(batches):  # at least once an epoch
+            if self.stops is not None and (name := self.stops.agreed(self.dist)):
+                raise Interrupted(name)  # every rank stops after the same step
+            # at least once an epoch; rank 0 alone logs
+            if self.log and (self.step % self.opt["log_step"] == 0 or self.step == len(batches)):
                 global_step = self.epoch * len(batches) + self.step
                 self.log.loss(self.epoch, self.step, global_step, terms, self.optimizer.param_groups[0]["lr"])
         self.epoch_rng_state = self.order_rng.get_state()
@@ -215,17 +255,19 @@ class Trainer:
         return {name: value / max(count, 1) for name, value in totals.items()}
 
     def train_step(self, batch) -> dict[str, float]:
-        terms = batch_loss(self.model, batch, self.opt, self.device)
+        terms = batch_loss(self.train_model, batch, self.opt, self.device, distributed.batch_gatherer(self.dist))
         if not torch.isfinite(terms["loss"]):
             raise self.diverged(f"the loss became {terms['loss'].item()}")
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.scaler.scale(terms["loss"]).backward()  # the scaler is a no-op unless --amp fp16
+        self.scaler.unscale_(self.optimizer)
         # The norm is checked even without clipping: NaN similarities give a zero loss but NaN gradients.
         max_norm = self.opt["grad_clip"] if self.opt["grad_clip"] > 0 else math.inf
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such a step
             raise self.diverged(f"the gradient norm became {norm.item()}")
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         bad = nonfinite_tensors(dict(self.model.named_parameters()))
         if bad:
             raise self.diverged(f"the weights became NaN or inf ({', '.join(bad[:3])})")
@@ -233,9 +275,9 @@ class Trainer:
 
     def fit(self) -> float:
         """Train to num_epochs; returns the best rsum on the validation split."""
-        with interrupts_raise():
+        with self._stop_signals():
             try:
-                if self.epoch == 0 and self.step == 0:
+                if self.epoch == 0 and self.step == 0 and self.dist.is_main:
                     self.report(None, self.evaluate(), 0.0)
                 if not self.evaluated:  # the run stopped before the last finished epoch was evaluated
                     self.select_and_save(None, 0.0)
@@ -243,15 +285,25 @@ class Trainer:
                     self.run_epoch()
             except Interrupted as sig:
                 self.stop(sig)
-        self.log.close()
+        if self.log:
+            self.log.close()
         return self.best_rsum
+
+    def _stop_signals(self):
+        """One process: a signal raises Interrupted at once. Under torchrun: it is noted, and all ranks
+        agree after each step to stop together, so rank 0 saves a consistent checkpoint."""
+        if not self.dist.enabled:
+            return interrupts_raise()
+        self.stops = distributed.StopRequests(STOP_SIGNALS)
+        return self.stops
 
     def stop(self, sig: Interrupted) -> None:
         """Save where the run stands and exit with status 130; a further signal during this save is ignored."""
         self.save()
         path = os.path.join(self.opt["model_name"], LAST)
-        print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
-              f"resume with the same command plus --resume {path}", file=sys.stderr)
+        if self.dist.is_main:
+            print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
+                  f"resume with the same command plus --resume {path}", file=sys.stderr)
         sys.exit(130)
 
     def run_epoch(self) -> None:
@@ -264,13 +316,18 @@ class Trainer:
 
     def select_and_save(self, losses: dict | None, start: float) -> None:
         """Evaluate the finished epoch on dev, then save it (and as model_best when it is the best)."""
+        if not self.dist.is_main:  # rank 0 evaluates and saves; the others go on to the next epoch
+            self.evaluated = True
+            return
         result = self.evaluate()
         is_best = result["rsum"] > self.best_rsum
         self.best_rsum = max(self.best_rsum, result["rsum"])
         self.evaluated = True
         held = self.save(best=is_best)
         self.report(losses, result, time.time() - start, is_best)
-        if held:  # a signal that came during the save stops the run now that both files are written
+        if held and self.stops is not None:  # under torchrun every rank stops after the next step
+            self.stops.received = signal.Signals[held[0]]
+        elif held:  # a signal that came during the save stops the run now that both files are written
             raise Interrupted(held[0])
 
     def report(self, losses: dict | None, result: dict, seconds: float, is_best: bool = False) -> None:
@@ -285,9 +342,17 @@ class Trainer:
 def main(kind: str, argv: list[str] | None = None) -> float:
     """Entry point of train_global.py / train_local.py."""
     trainer = Trainer(kind, parse_options(kind, argv))
-    print(f"{kind}-level subnetwork on {trainer.device}: train {trainer.train_set.describe()}, "
-          f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}", flush=True)
+    processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    if trainer.dist.is_main:
+        print(f"{kind}-level subnetwork on {trainer.device}{processes}: train {trainer.train_set.describe()}, "
+              f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}",
+              flush=True)
     try:
         return trainer.fit()
+    except RuntimeError as err:
+        if trainer.dist.enabled and distributed.is_communication_error(err):
+            raise distributed.DistributedError(distributed.lost_peer_message(trainer.dist, err)) from None
+        raise
     finally:
         trainer.release()  # also after an error or an interrupt, so the same process can train there again
+        distributed.shutdown(trainer.dist)
