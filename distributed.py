@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 from dataclasses import dataclass
 from typing import Callable
@@ -155,9 +156,11 @@ def is_communication_error(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(s in str(err) for s in ("gloo", "Gloo", "NCCL", "Connection")))
 
 
-def lost_peer_message(ctx: Context, err: BaseException) -> str:
+def lost_peer_message(ctx: Context, err: BaseException, checkpoint: str) -> str:
+    """One line for a failed collective: the backend's reason without its source location."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(err)).split(". ")[0]
     return (f"rank {ctx.rank} of {ctx.world_size}: another process of the run stopped or stopped answering "
-            f"({_first_line(err)}); this process stops too. Resume from the last checkpoint with --resume")
+            f"({reason}); this process stops too. Resume with the same command plus --resume {checkpoint}")
 
 
 class StopRequests:

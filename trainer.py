@@ -351,7 +351,8 @@ def main(kind: str, argv: list[str] | None = None) -> float:
         return trainer.fit()
     except RuntimeError as err:
         if trainer.dist.enabled and distributed.is_communication_error(err):
-            raise distributed.DistributedError(distributed.lost_peer_message(trainer.dist, err)) from None
+            last = os.path.join(trainer.opt["model_name"], LAST)
+            raise distributed.DistributedError(distributed.lost_peer_message(trainer.dist, err, last)) from None
         raise
     finally:
         trainer.release()  # also after an error or an interrupt, so the same process can train there again

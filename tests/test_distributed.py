@@ -156,18 +156,24 @@ def test_torchrun_sigterm_stops_all_ranks_with_one_checkpoint(tiny_data, tmp_pat
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
 
 
-def test_dead_rank_stops_the_other_with_a_clear_message(tiny_data, tmp_path):
-    argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1000", "--batch_size", "10")
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_lost_rank_stops_the_other_with_a_clear_message(fault, tiny_data, tmp_path):
+    argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1000", "--batch_size", "10",
+                      "--dist_timeout", "0.1")  # a hung peer is given up after 6 s
     port = free_ports()[0]
     ranks = [subprocess.Popen([sys.executable, "train_global.py", *argv], cwd=REPO, text=True,
                               env={**os.environ, **rank_env(rank, 2, port)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
     wait_for(tmp_path / "checkpoint.pth.tar", ranks[0])
-    ranks[1].kill()
-    _, err = ranks[0].communicate(timeout=60)  # no hang: the survivor stops by itself
-    ranks[1].communicate()
+    ranks[1].send_signal(signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+    try:
+        _, err = ranks[0].communicate(timeout=60)  # no hang: the survivor stops by itself
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
     assert ranks[0].returncode == 2, err
-    assert "rank 0 of 2: another process of the run stopped" in err and "Traceback" not in err, err
+    assert "rank 0 of 2: another process of the run stopped or stopped answering" in err, err
+    assert f"--resume {tmp_path / 'checkpoint.pth.tar'}" in err and "Traceback" not in err, err
 
 
 def test_fp16_is_refused_on_cpu(tiny_data, tmp_path):
