@@ -15,7 +15,8 @@ import torch
 from data import PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
 from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
-from metrics import precision_recall_curve, retrieval_metrics
+from gallery import evaluate_shortlist
+from metrics import KS, precision_recall_curve, retrieval_metrics
 from models import load_trained
 from options import resolve_device
 from scoring import similarity_matrix
@@ -41,7 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default="", help="JSON of the table (default: next to the first checkpoint)")
     p.add_argument("--save_sims", default="", help="folder for the similarity matrices (.npy)")
     p.add_argument("--plot", default="", help="PNG of precision-recall curves")
+    p.add_argument("--shortlist", type=int, default=0, metavar="K",
+                   help="large galleries: rank each query's global top K only, re-ranked by the local "
+                        "subnetwork; reports mAP@K (see gallery.py)")
+    p.add_argument("--save_embeddings", "--embeddings", default="", metavar="DIR",
+                   help="with --shortlist: write the global embeddings of the split to DIR once, reuse them later")
+    p.add_argument("--map_all", action="store_true", help="with --shortlist: also global mAP@all over the "
+                   "whole gallery, in bounded memory")
     args = p.parse_args(argv)
+    if args.shortlist:
+        if not args.global_ckpt:
+            p.error("--shortlist needs --global_ckpt (the global subnetwork makes the shortlists)")
+        if args.shortlist < max(KS):
+            p.error(f"--shortlist must be at least {max(KS)} (R@{max(KS)} is read from the shortlist)")
+        if args.save_sims or args.plot:
+            p.error("--save_sims and --plot need the full similarity matrices: leave out --shortlist")
+    elif args.save_embeddings or args.map_all:
+        p.error("--save_embeddings and --map_all go with --shortlist")
     if not (args.global_ckpt or args.local_ckpt):
         p.error("give --global_ckpt, --local_ckpt or both")
     if not 0.0 <= args.fusion_weight <= 1.0:
@@ -211,16 +228,25 @@ def main(argv: list[str] | None = None) -> dict:
     if len(nets) == 2:
         check_same_items(nets, split)
         weight = tune_weight(nets) if args.tune_fusion else args.fusion_weight
-    rows = score_rows(nets, split, weight)
     labels = split_labels(nets, split)
-    results = {}
-    for name, sims in rows.items():
-        results[name] = retrieval_metrics(sims, *labels)
+    if args.shortlist:
+        rows, results = {}, evaluate_shortlist(nets, split, weight, args.shortlist, args.batch_size,
+                                               args.save_embeddings, args.map_all)
+    else:
+        rows = score_rows(nets, split, weight)
+        results = {name: retrieval_metrics(sims, *labels) for name, sims in rows.items()}
+    for name in results:
         results[name]["mean_mAP"] = results[name]["rsum"] / 2
     dataset = nets[0].dataset(split)
     print(f"split: {split} ({dataset.describe()}, {nets[0].data_name})"
           + (f", fusion weight w = {weight:.2f}{' (tuned on dev)' if args.tune_fusion else ''}" if weight is not None else ""))
+    if args.shortlist:
+        print(f"mAP = mAP@{args.shortlist}: AP over each query's top {args.shortlist} (global shortlist, "
+              "re-ranked per row), normalised by the relevant items in it")
     print(format_table(results))
+    if "mAP@all" in results.get("global", {}):
+        full = results["global"]["mAP@all"]
+        print(f"global mAP@all over the whole gallery: i2t {full['i2t']['mAP']:.2f}  t2i {full['t2i']['mAP']:.2f}")
     for name, m in results.items():
         for direction in ("i2t", "t2i"):
             if m[direction]["no_relevant"]:
@@ -229,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = args.output or os.path.join(os.path.dirname(nets[0].path) or ".", f"eval_{split}.json")
     summary = {"split": split, "data_name": nets[0].data_name, "images": dataset.num_images,
                "captions_per_image": dataset.captions_per_image, "fusion_weight": weight,
+               "metric": f"mAP@{args.shortlist}" if args.shortlist else "mAP@all",
                "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
     write_outputs(args, rows, summary, split, labels, output)
     return summary

@@ -16,10 +16,18 @@ def _ranked_relevance(sims: np.ndarray, query_labels: np.ndarray, gallery_labels
     return torch.gather(rel, 1, order)
 
 
-def _chunk_sums(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+def chunk_sums(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
                 ks: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Per-query AP, hits in top K and relevant count for one chunk of queries."""
-    ranked = _ranked_relevance(sims, query_labels, gallery_labels)
+    return ranked_sums(_ranked_relevance(sims, query_labels, gallery_labels), ks)
+
+
+def ranked_sums(ranked: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:
+    """Per-query AP, hits in top K and relevant count of ranked relevance lists (queries, length).
+
+    AP is normalised by the relevant items in the list: over the whole gallery that is mAP@all, over a
+    top-K list it is mAP@K.
+    """
     rows, cols = ranked.nonzero(as_tuple=True)  # relevant items, row-major: ranks ascending per query
     n_rel = torch.bincount(rows, minlength=ranked.shape[0])
     first = torch.cumsum(n_rel, 0) - n_rel
@@ -34,6 +42,19 @@ def _chunk_sums(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.n
     return out
 
 
+def summarize_queries(parts: list[dict[str, np.ndarray]], kept: np.ndarray | None = None) -> dict[str, float]:
+    """Means (percent) of ranked_sums parts over the kept queries (default: those with a relevant item)."""
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n_rel = merged.pop("n_rel")
+    kept = n_rel > 0 if kept is None else kept
+    result = {"mAP": 100 * float(merged.pop("ap")[kept].mean()) if kept.any() else 0.0}
+    for key, values in merged.items():
+        name = key.replace("hit@", "R@").replace("prec@", "P@")
+        result[name] = 100 * float(values[kept].mean()) if kept.any() else 0.0
+    result["no_relevant"] = int((~kept).sum())
+    return result
+
+
 def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
                     ks: tuple[int, ...] = KS, chunk: int = 1000) -> dict[str, float]:
     """mAP, R@K and P@K (percent) of queries (rows of sims) ranking the gallery (columns).
@@ -42,16 +63,8 @@ def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: 
     """
     sims = np.asarray(sims, dtype=np.float64)
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    parts = [_chunk_sums(sims[i:i + chunk], query_labels[i:i + chunk], gallery_labels, ks)
-             for i in range(0, sims.shape[0], chunk)]
-    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    kept = merged.pop("n_rel") > 0
-    result = {"mAP": 100 * float(merged.pop("ap")[kept].mean()) if kept.any() else 0.0}
-    for key, values in merged.items():
-        name = key.replace("hit@", "R@").replace("prec@", "P@")
-        result[name] = 100 * float(values[kept].mean()) if kept.any() else 0.0
-    result["no_relevant"] = int((~kept).sum())
-    return result
+    return summarize_queries([chunk_sums(sims[i:i + chunk], query_labels[i:i + chunk], gallery_labels, ks)
+                              for i in range(0, sims.shape[0], chunk)])
 
 
 def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,

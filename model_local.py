@@ -90,17 +90,21 @@ def _attention_logits(raw: torch.Tensor, query_mask: torch.Tensor, context_mask:
 
 def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
             lambda_softmax: float) -> torch.Tensor:
-    """att(Q = query[a], C = context[b]) for all pairs, as (nC, nQ); raw from _raw_scores."""
+    """att(Q = query[a], C = context[b]) for all pairs, as (nC, nQ); raw from _raw_scores.
+
+    For aligned pairs (_attend_aligned) raw is (P, Lc, 1, Lq) and the query's mask and squared norms
+    are (P, 1, 1, Lq), so every reduction below keeps the 4-d layout until the end.
+    """
     logits = _attention_logits(raw, query.mask, context.mask, norm, lambda_softmax)
     weights = logits.softmax(dim=1)  # over the context fragments k
-    query_dot_attended = (weights * raw).sum(dim=1)  # (nC, nQ, Lq)
+    query_dot_attended = (weights * raw).sum(dim=1, keepdim=True)  # (nC, 1, nQ, Lq)
     n_ctx, ctx_len, _, _ = weights.shape
-    gram_weights = torch.bmm(context.gram, weights.view(n_ctx, ctx_len, -1)).view_as(weights)
-    attended_sq_norm = (weights * gram_weights).sum(dim=1)
+    gram_weights = torch.bmm(context.gram, weights.reshape(n_ctx, ctx_len, -1)).view_as(weights)
+    attended_sq_norm = (weights * gram_weights).sum(dim=1, keepdim=True)
     # max(|Q||v|, eps) written as sqrt(max(|Q|^2 |v|^2, eps^2)): no sqrt of a bare |v|^2.
     norm_product = (query.sq_norms * attended_sq_norm).clamp_min(COSINE_EPS ** 2).sqrt()
     cosines = query_dot_attended / norm_product * query.mask.to(raw.dtype)
-    return cosines.sum(dim=-1) / query.mask.sum(dim=-1).to(raw.dtype)
+    return (cosines.sum(dim=-1) / query.mask.sum(dim=-1).to(raw.dtype)).squeeze(1)
 
 
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
@@ -154,6 +158,30 @@ def text_to_image_attention(words: torch.Tensor, blocks: torch.Tensor, raw_featu
     return logits.softmax(dim=1)[0, :, 0, :].T
 
 
+def _attend_aligned(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
+                    lambda_softmax: float) -> torch.Tensor:
+    """(P,) att(Q = query[p], C = context[p]) of aligned pairs; raw (P, Lc, Lq) from one bmm."""
+    per_pair_query = Fragments(query.vectors, query.mask[:, None, None], query.gram,
+                               query.sq_norms[:, None, None])
+    return _attend(raw[:, :, None], context, per_pair_query, norm, lambda_softmax)[:, 0]
+
+
+def aligned_paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.Tensor,
+                             col_lengths: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
+                             lambda_softmax: float = 9.0) -> torch.Tensor:
+    """(P,) att(Q = cols[p], C = rows[p]) + att(Q = rows[p], C = cols[p]) of P aligned pairs.
+
+    The diagonal of paired_attention without the other pairs: re-ranking scores each query against
+    its own shortlisted candidates only.
+    """
+    rows, cols = Fragments.of(rows, row_lengths), Fragments.of(cols, col_lengths)
+    raw = torch.bmm(rows.vectors, cols.vectors.transpose(1, 2))  # (P, Lr, Lc)
+    cols_as_query = _attend_aligned(raw, rows, cols, raw_feature_norm, lambda_softmax)
+    rows_as_query = _attend_aligned(raw.transpose(1, 2).contiguous(), cols, rows, raw_feature_norm,
+                                    lambda_softmax)
+    return cols_as_query + rows_as_query
+
+
 class LocalModel(TwoBranchModel):
     """Fine-grained subnetwork: block and word encoders for the CNN and BoVW branches."""
 
@@ -199,6 +227,12 @@ class LocalModel(TwoBranchModel):
                              texts[c:c + chunk], text_lengths[c:c + chunk])
                 for c in range(0, texts.size(0), chunk)], dim=1))
         return torch.cat(row_blocks, dim=0)
+
+    def pair_similarity(self, images: torch.Tensor, texts: torch.Tensor,
+                        text_lengths: torch.Tensor) -> torch.Tensor:
+        """S_P (P,) of aligned pairs (images[p], texts[p]) of encode_primary outputs."""
+        return aligned_paired_attention(images, _block_lengths(images), texts, text_lengths.to(texts.device),
+                                        self.raw_feature_norm, self.lambda_softmax)
 
 
 def _block_lengths(blocks: torch.Tensor) -> torch.Tensor:

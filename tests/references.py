@@ -239,6 +239,33 @@ def ranking_metrics_reference(sims, query_labels, gallery_labels, ks=(1, 5, 10))
     return out
 
 
+def shortlist_metrics_reference(global_sims, rerank_sims, query_labels, gallery_labels, shortlist: int,
+                                ks=(1, 5, 10)) -> dict:
+    """mAP@K, R@K, P@K (percent) of a shortlist, one query at a time: the top `shortlist` items by global
+    score (ties by gallery index) re-ordered by rerank_sims (ties by gallery index); AP over that list
+    divided by the relevant items in it (0 if none); queries with no relevant gallery item left out."""
+    global_sims, rerank_sims = np.asarray(global_sims, np.float64), np.asarray(rerank_sims, np.float64)
+    q_lab, g_lab = _label_rows(query_labels), _label_rows(gallery_labels)
+    aps, hits, precs, skipped = [], {k: [] for k in ks}, {k: [] for k in ks}, 0
+    for q in range(global_sims.shape[0]):
+        if not any(is_relevant(q_lab[q], g) for g in g_lab):
+            skipped += 1
+            continue
+        listed = sorted(range(len(g_lab)), key=lambda j: (-global_sims[q, j], j))[:shortlist]
+        listed = sorted(listed, key=lambda j: (-rerank_sims[q, j], j))
+        ranked = [is_relevant(q_lab[q], g_lab[j]) for j in listed]
+        aps.append(average_precision_reference(ranked) if any(ranked) else 0.0)
+        for k in ks:
+            hits[k].append(1.0 if any(ranked[:k]) else 0.0)
+            precs[k].append(sum(ranked[:k]) / k)
+    out = {"mAP": 100 * sum(aps) / len(aps) if aps else 0.0}
+    for k in ks:
+        out[f"R@{k}"] = 100 * sum(hits[k]) / len(aps) if aps else 0.0
+        out[f"P@{k}"] = 100 * sum(precs[k]) / len(aps) if aps else 0.0
+    out["no_relevant"] = skipped
+    return out
+
+
 def map_reference(sims, query_labels, gallery_labels) -> float:
     """mAP@all in percent over the queries (rows of sims) that have a relevant gallery item."""
     sims = np.asarray(sims, dtype=np.float64)

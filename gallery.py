@@ -1,0 +1,233 @@
+"""Evaluation on large galleries (evaluate.py --shortlist K): the N x M score matrix is never held.
+
+1. Global shortlists: global scores in blocks of image rows; each image query keeps its top K captions,
+   each caption query a running top K of images, ties to the lower gallery index.
+2. Local re-ranking: the local subnetwork scores only each query's K shortlisted items (aligned pairs).
+3. Each row (global, local, fused = w global + (1 - w) local) ranks the shortlist, ties in gallery order.
+
+Metrics: mAP@K = AP over a query's top-K list, normalised by the relevant items retrieved in that list
+(0 when none is), averaged over the queries that have a relevant item in the whole gallery; with K = N it
+is mAP@all and every number equals the full evaluation. R@1/5/10 and P@1/5/10 come from the same list.
+Global mAP@all over the whole gallery runs in blocks of queries (bounded memory).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from errors import InputError
+from loss import relevance
+from metrics import KS, chunk_sums, ranked_sums, summarize_queries
+from scoring import encode_split
+
+# Elements of one block of scores or relevance: 128 MB in float32.
+BLOCK_ELEMENTS = 1 << 25
+PAIRS_PER_CALL = 4096  # aligned pairs per local scoring call
+EMBEDDING_FILES = ("images", "captions", "image_labels", "caption_labels")
+
+PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image ids, caption ids) -> scores
+
+
+@dataclass
+class Shortlist:
+    """Each query's K gallery items ranked by global score (descending, ties by gallery index)."""
+
+    scores: torch.Tensor  # (Q, K)
+    items: torch.Tensor  # (Q, K) gallery indices
+
+
+def caption_labels(dataset) -> torch.Tensor:
+    """Labels of the captions (k per image when the split has several captions per image)."""
+    return getattr(dataset, "caption_labels", dataset.labels)
+
+
+def keep_top(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates of each row; rows list candidates by ascending gallery index, ties go to the
+    lower index, and the kept ones stay in ascending index order."""
+    items = items.expand_as(scores)
+    if scores.size(1) <= k:
+        return scores, items
+    threshold = scores.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    above = scores > threshold
+    tied = scores == threshold
+    room = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+    return scores[chosen].view(-1, k), items[chosen].view(-1, k)
+
+
+def rank(scores: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row sorted by score descending, ties by gallery index ascending."""
+    by_index = items.argsort(dim=1, stable=True)
+    scores, items = scores.gather(1, by_index), items.gather(1, by_index)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), items.gather(1, order)
+
+
+def global_shortlists(images: torch.Tensor, texts: torch.Tensor, k: int) -> tuple[Shortlist, Shortlist]:
+    """i2t (image queries over captions) and t2i top-k shortlists of the scores images @ texts.T."""
+    n_images, n_texts = images.size(0), texts.size(0)
+    step = max(1, BLOCK_ELEMENTS // n_texts)
+    caption_ids = torch.arange(n_texts, device=texts.device)[None]
+    i2t_scores, i2t_items = [], []
+    t2i_scores = texts.new_empty((n_texts, 0))
+    t2i_items = torch.empty((n_texts, 0), dtype=torch.long, device=texts.device)
+    for start in range(0, n_images, step):
+        block = images[start:start + step] @ texts.T
+        scores, items = keep_top(block, caption_ids, k)
+        i2t_scores.append(scores)
+        i2t_items.append(items)
+        image_ids = torch.arange(start, start + block.size(0), device=texts.device)[None]
+        # Earlier images have lower indices, so the running list stays in ascending gallery order.
+        t2i_scores, t2i_items = keep_top(torch.cat([t2i_scores, block.T], dim=1),
+                                         torch.cat([t2i_items, image_ids.expand(n_texts, -1)], dim=1), k)
+    return (Shortlist(*rank(torch.cat(i2t_scores), torch.cat(i2t_items))),
+            Shortlist(*rank(t2i_scores, t2i_items)))
+
+
+def local_scores(shortlist: Shortlist, direction: str, pair_scorer: PairScorer) -> torch.Tensor:
+    """Local S_P (Q, K) of each query and its shortlisted items, PAIRS_PER_CALL pairs at a time."""
+    n_queries, k = shortlist.items.shape
+    queries = torch.arange(n_queries, device=shortlist.items.device)[:, None].expand(-1, k).reshape(-1)
+    candidates = shortlist.items.reshape(-1)
+    image_ids, caption_ids = (queries, candidates) if direction == "i2t" else (candidates, queries)
+    return torch.cat([pair_scorer(image_ids[p:p + PAIRS_PER_CALL], caption_ids[p:p + PAIRS_PER_CALL])
+                      for p in range(0, len(queries), PAIRS_PER_CALL)]).view(n_queries, k)
+
+
+def shortlist_metrics(rows: dict[str, torch.Tensor], shortlist: Shortlist, query_labels: torch.Tensor,
+                      gallery_labels: torch.Tensor) -> dict[str, dict]:
+    """Metrics of each row's ranking of the shortlist; queries without any relevant gallery item are left out."""
+    step = max(1, BLOCK_ELEMENTS // len(gallery_labels))
+    ranked_items = {name: rank(scores.cpu(), shortlist.items.cpu())[1] for name, scores in rows.items()}
+    parts: dict[str, list] = {name: [] for name in rows}
+    kept = []
+    for start in range(0, len(query_labels), step):
+        rel = relevance(query_labels[start:start + step], gallery_labels)
+        kept.append(rel.any(dim=1).numpy())
+        for name, items in ranked_items.items():
+            parts[name].append(ranked_sums(rel.gather(1, items[start:start + step]), KS))
+    kept = np.concatenate(kept)
+    return {name: summarize_queries(name_parts, kept) for name, name_parts in parts.items()}
+
+
+def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: torch.Tensor,
+                      text_labels: torch.Tensor, k: int, pair_scorer: PairScorer | None = None,
+                      weight: float | None = None) -> dict[str, dict]:
+    """i2t / t2i mAP@K, R@K, P@K of the global row, and of the local and fused rows when pair_scorer
+    (local S_P of aligned image / caption ids) is given; same layout as metrics.retrieval_metrics."""
+    i2t, t2i = global_shortlists(images, texts, k)
+    results: dict[str, dict] = {}
+    for direction, shortlist, query_labels, gallery_labels in (("i2t", i2t, image_labels, text_labels),
+                                                               ("t2i", t2i, text_labels, image_labels)):
+        rows = {"global": shortlist.scores}
+        if pair_scorer is not None:
+            rows["local"] = local_scores(shortlist, direction, pair_scorer).to(shortlist.scores)
+            if weight is not None:
+                rows["fused"] = weight * rows["global"] + (1 - weight) * rows["local"]
+        for name, metrics in shortlist_metrics(rows, shortlist, query_labels, gallery_labels).items():
+            results.setdefault(name, {})[direction] = metrics
+    for metrics in results.values():
+        metrics["rsum"] = metrics["i2t"]["mAP"] + metrics["t2i"]["mAP"]
+    return results
+
+
+def global_map_all(images: torch.Tensor, texts: torch.Tensor, image_labels: torch.Tensor,
+                   text_labels: torch.Tensor) -> dict[str, dict]:
+    """Global mAP@all, R@K, P@K over the whole gallery, in blocks of queries (bounded memory)."""
+    result = {}
+    for direction, queries, gallery, query_labels, gallery_labels in (
+            ("i2t", images, texts, image_labels, text_labels), ("t2i", texts, images, text_labels, image_labels)):
+        step = max(1, BLOCK_ELEMENTS // gallery.size(0))
+        result[direction] = summarize_queries([
+            chunk_sums((queries[s:s + step] @ gallery.T).double().cpu().numpy(), query_labels[s:s + step].numpy(),
+                       gallery_labels.numpy(), KS)
+            for s in range(0, queries.size(0), step)])
+    return result
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(net, split: str, batch_size: int) -> dict:
+    """What the global embeddings of a split depend on: the checkpoint, the split's files, the batch."""
+    folder = os.path.join(net.data_path, net.data_name)
+    files = sorted(name for name in os.listdir(folder) if name.startswith(f"{split}_"))
+    return {"checkpoint_sha256": _file_digest(net.path), "split": split, "batch_size": batch_size,
+            "data": {name: _file_digest(os.path.join(folder, name)) for name in files}}
+
+
+def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") -> dict[str, torch.Tensor]:
+    """Global image / caption embeddings and labels of a split; with a folder, written there once and
+    reused by later runs (refused when they were made from another checkpoint, split or data)."""
+    stamp = fingerprint(net, split, batch_size) if folder else None
+    stamp_path = os.path.join(folder, "fingerprint.json")
+    if folder and os.path.isfile(stamp_path):
+        with open(stamp_path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored != stamp:
+            what = ", ".join(key for key in stamp if stored.get(key) != stamp[key])
+            raise InputError(f"{folder}: the saved embeddings do not match this run ({what} differ); "
+                             "use another folder or delete this one")
+        return {name: torch.from_numpy(np.load(os.path.join(folder, f"{name}.npy"))) for name in EMBEDDING_FILES}
+    dataset = net.dataset(split)
+    images, texts, _ = encode_split(net.model, dataset, batch_size, net.device)
+    embeddings = {"images": images.cpu(), "captions": texts.cpu(), "image_labels": dataset.labels,
+                  "caption_labels": caption_labels(dataset)}
+    if folder:
+        _write_embeddings(folder, embeddings, stamp)
+    return embeddings
+
+
+def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: dict) -> None:
+    """Arrays first, the fingerprint last (atomically): a folder without it is never reused."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, values in embeddings.items():
+            np.save(os.path.join(folder, f"{name}.npy"), values.numpy())
+        tmp = os.path.join(folder, ".fingerprint.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stamp, f, indent=1)
+        os.replace(tmp, os.path.join(folder, "fingerprint.json"))
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write the embeddings ({err.strerror or err})") from None
+    print(f"wrote global embeddings to {folder}")
+
+
+def local_pair_scorer(net, split: str, batch_size: int) -> PairScorer:
+    """Local S_P of aligned (image, caption) ids from the split's local embeddings, encoded once."""
+    blocks, words, lengths = encode_split(net.model, net.dataset(split), batch_size, net.device)
+
+    @torch.no_grad()
+    def score(image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        image_ids, caption_ids = image_ids.to(blocks.device), caption_ids.to(words.device)
+        return net.model.pair_similarity(blocks[image_ids], words[caption_ids], lengths[caption_ids]).cpu()
+    return score
+
+
+def evaluate_shortlist(nets: list, split: str, weight: float | None, k: int, batch_size: int,
+                       embeddings_folder: str = "", map_all: bool = False) -> dict[str, dict]:
+    """Rows of evaluate.py's table for --shortlist K (nets: evaluate.Subnetwork, the global one first)."""
+    global_net = nets[0]
+    embeddings = load_or_encode_global(global_net, split, batch_size or global_net.opt["batch_size"],
+                                       embeddings_folder)
+    images, texts = embeddings["images"].to(global_net.device), embeddings["captions"].to(global_net.device)
+    scorer = None
+    if len(nets) == 2:
+        scorer = local_pair_scorer(nets[1], split, batch_size or nets[1].opt["batch_size"])
+    results = shortlist_results(images, texts, embeddings["image_labels"], embeddings["caption_labels"], k,
+                                scorer, weight)
+    if map_all:
+        results["global"]["mAP@all"] = global_map_all(images, texts, embeddings["image_labels"],
+                                                       embeddings["caption_labels"])
+    return results
