@@ -12,9 +12,11 @@ Global mAP@all over the whole gallery runs in blocks of queries (bounded memory)
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,6 +195,8 @@ def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: d
     """Arrays first, the fingerprint last (atomically): a folder without it is never reused."""
     try:
         os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, "index_*.faiss")):  # search.py's, built on older embeddings
+            os.remove(stale)
         for name, values in embeddings.items():
             np.save(os.path.join(folder, f"{name}.npy"), values.numpy())
         tmp = os.path.join(folder, ".fingerprint.json.tmp")
@@ -201,7 +205,7 @@ def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: d
         os.replace(tmp, os.path.join(folder, "fingerprint.json"))
     except OSError as err:
         raise InputError(f"{folder}: cannot write the embeddings ({err.strerror or err})") from None
-    print(f"wrote global embeddings to {folder}")
+    print(f"wrote global embeddings to {folder}", file=sys.stderr)  # stdout may be --json
 
 
 def local_pair_scorer(net, split: str, batch_size: int) -> PairScorer:

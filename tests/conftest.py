@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from checkpoint import save_checkpoint
+from models import build_model
+from options import parse_options
 from synthetic import generate
-from vocab import build_vocab, save_vocab, vocab_file
+from vocab import build_vocab, load_vocab, save_vocab, vocab_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(cnn_dim=24, bovw_dim=12, categories=4)
@@ -40,3 +44,19 @@ def run_script(script: str, *args: str, cwd: str = REPO) -> subprocess.Completed
     """Run one of the repository's scripts as a user would, capturing its output."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def untrained(tiny_data, tmp_path_factory):
+    """Checkpoints of freshly initialised tiny subnetworks (evaluation does not need training)."""
+    folder = tmp_path_factory.mktemp("untrained")
+    vocab = load_vocab(vocab_file(tiny_data["vocab"], tiny_data["name"]))
+    paths = {}
+    for kind in ("global", "local"):
+        opt = parse_options(kind, train_argv(kind, tiny_data, str(folder)))
+        torch.manual_seed(0)
+        model = build_model(kind, opt, len(vocab))
+        paths[kind] = str(folder / f"{kind}.pth.tar")
+        save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx,
+                         "epoch": 0}, paths[kind])
+    return paths

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 
 import evaluate
 import gallery
-from checkpoint import save_checkpoint
 from metrics import retrieval_metrics
 from model_local import ATTENTION_NORMS, LocalModel, aligned_paired_attention, paired_attention
-from models import build_model
-from options import parse_options
-from tests.conftest import train_argv
 from tests.references import shortlist_metrics_reference
-from vocab import load_vocab, vocab_file
 
 TOL = 1e-12
 LOCAL_OPT = {"cnn_dim": 6, "bovw_dim": 4, "embed_size": 8, "word_dim": 5, "num_layers": 1, "bi_gru": True,
@@ -175,22 +170,6 @@ def test_global_map_all_in_blocks_equals_the_full_matrix(monkeypatch):
 
 
 # ---------------------------------------------------------------- evaluate.py --shortlist, end to end
-
-@pytest.fixture(scope="module")
-def untrained(tiny_data, tmp_path_factory):
-    """Checkpoints of freshly initialised tiny subnetworks (evaluation does not need training)."""
-    folder = tmp_path_factory.mktemp("untrained")
-    vocab = load_vocab(vocab_file(tiny_data["vocab"], tiny_data["name"]))
-    paths = {}
-    for kind in ("global", "local"):
-        opt = parse_options(kind, train_argv(kind, tiny_data, str(folder)))
-        torch.manual_seed(0)
-        model = build_model(kind, opt, len(vocab))
-        paths[kind] = str(folder / f"{kind}.pth.tar")
-        save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx,
-                         "epoch": 0}, paths[kind])
-    return paths
-
 
 def evaluate_cli(untrained, tiny_data, out, *extra, capsys):
     """evaluate.main in this process (no interpreter start-up), both checkpoints; stdout and the JSON rows."""
