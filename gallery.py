@@ -2,7 +2,7 @@
 
 1. Global shortlists: global scores in blocks of image rows; each image query keeps its top K captions,
    each caption query a running top K of images, ties to the lower gallery index.
-2. Local re-ranking: the local subnetwork scores only each query's K shortlisted items (aligned pairs).
+2. Local re-ranking: the local subnetwork scores only each query's K shortlisted items.
 3. Each row (global, local, fused = w global + (1 - w) local) ranks the shortlist, ties in gallery order.
 
 Metrics: mAP@K = AP over a query's top-K list, normalised by the relevant items retrieved in that list
@@ -30,10 +30,11 @@ from scoring import encode_split
 
 # Elements of one block of scores or relevance: 128 MB in float32.
 BLOCK_ELEMENTS = 1 << 25
-PAIRS_PER_CALL = 4096  # aligned pairs per local scoring call
+PAIRS_PER_CALL = 2048  # (query, candidate) pairs per call: blocks small enough to reuse freed memory
 EMBEDDING_FILES = ("images", "captions", "image_labels", "caption_labels")
 
-PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image ids, caption ids) -> scores
+# (query ids (Q,), candidate ids (Q, K), "i2t" or "t2i") -> local S_P (Q, K)
+ShortlistScorer = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
 
 @dataclass
@@ -92,14 +93,13 @@ def global_shortlists(images: torch.Tensor, texts: torch.Tensor, k: int) -> tupl
             Shortlist(*rank(t2i_scores, t2i_items)))
 
 
-def local_scores(shortlist: Shortlist, direction: str, pair_scorer: PairScorer) -> torch.Tensor:
-    """Local S_P (Q, K) of each query and its shortlisted items, PAIRS_PER_CALL pairs at a time."""
+def local_scores(shortlist: Shortlist, direction: str, scorer: ShortlistScorer) -> torch.Tensor:
+    """Local S_P (Q, K) of each query and its shortlisted items, about PAIRS_PER_CALL pairs per call."""
     n_queries, k = shortlist.items.shape
-    queries = torch.arange(n_queries, device=shortlist.items.device)[:, None].expand(-1, k).reshape(-1)
-    candidates = shortlist.items.reshape(-1)
-    image_ids, caption_ids = (queries, candidates) if direction == "i2t" else (candidates, queries)
-    return torch.cat([pair_scorer(image_ids[p:p + PAIRS_PER_CALL], caption_ids[p:p + PAIRS_PER_CALL])
-                      for p in range(0, len(queries), PAIRS_PER_CALL)]).view(n_queries, k)
+    step = max(1, PAIRS_PER_CALL // k)
+    queries = torch.arange(n_queries, device=shortlist.items.device)
+    return torch.cat([scorer(queries[q:q + step], shortlist.items[q:q + step], direction)
+                      for q in range(0, n_queries, step)])
 
 
 def shortlist_metrics(rows: dict[str, torch.Tensor], shortlist: Shortlist, query_labels: torch.Tensor,
@@ -119,17 +119,17 @@ def shortlist_metrics(rows: dict[str, torch.Tensor], shortlist: Shortlist, query
 
 
 def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: torch.Tensor,
-                      text_labels: torch.Tensor, k: int, pair_scorer: PairScorer | None = None,
+                      text_labels: torch.Tensor, k: int, scorer: ShortlistScorer | None = None,
                       weight: float | None = None) -> dict[str, dict]:
-    """i2t / t2i mAP@K, R@K, P@K of the global row, and of the local and fused rows when pair_scorer
-    (local S_P of aligned image / caption ids) is given; same layout as metrics.retrieval_metrics."""
+    """i2t / t2i mAP@K, R@K, P@K of the global row, and of the local and fused rows when a local
+    scorer is given; same layout as metrics.retrieval_metrics."""
     i2t, t2i = global_shortlists(images, texts, k)
     results: dict[str, dict] = {}
     for direction, shortlist, query_labels, gallery_labels in (("i2t", i2t, image_labels, text_labels),
                                                                ("t2i", t2i, text_labels, image_labels)):
         rows = {"global": shortlist.scores}
-        if pair_scorer is not None:
-            rows["local"] = local_scores(shortlist, direction, pair_scorer).to(shortlist.scores)
+        if scorer is not None:
+            rows["local"] = local_scores(shortlist, direction, scorer).to(shortlist.scores)
             if weight is not None:
                 rows["fused"] = weight * rows["global"] + (1 - weight) * rows["local"]
         for name, metrics in shortlist_metrics(rows, shortlist, query_labels, gallery_labels).items():
@@ -208,14 +208,16 @@ def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: d
     print(f"wrote global embeddings to {folder}", file=sys.stderr)  # stdout may be --json
 
 
-def local_pair_scorer(net, split: str, batch_size: int) -> PairScorer:
-    """Local S_P of aligned (image, caption) ids from the split's local embeddings, encoded once."""
+def local_scorer(net, split: str, batch_size: int) -> ShortlistScorer:
+    """Local S_P of queries and their candidates from the split's local fragments, encoded once."""
     blocks, words, lengths = encode_split(net.model, net.dataset(split), batch_size, net.device)
+    images, texts = net.model.gallery_fragments(blocks, words, lengths)
+    del blocks, words  # the fragments hold trimmed copies
 
     @torch.no_grad()
-    def score(image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-        image_ids, caption_ids = image_ids.to(blocks.device), caption_ids.to(words.device)
-        return net.model.pair_similarity(blocks[image_ids], words[caption_ids], lengths[caption_ids]).cpu()
+    def score(queries: torch.Tensor, candidates: torch.Tensor, direction: str) -> torch.Tensor:
+        return net.model.shortlist_similarity(images, texts, queries.to(net.device), candidates.to(net.device),
+                                              direction).cpu()
     return score
 
 
@@ -228,7 +230,7 @@ def evaluate_shortlist(nets: list, split: str, weight: float | None, k: int, bat
     images, texts = embeddings["images"].to(global_net.device), embeddings["captions"].to(global_net.device)
     scorer = None
     if len(nets) == 2:
-        scorer = local_pair_scorer(nets[1], split, batch_size or nets[1].opt["batch_size"])
+        scorer = local_scorer(nets[1], split, batch_size or nets[1].opt["batch_size"])
     results = shortlist_results(images, texts, embeddings["image_labels"], embeddings["caption_labels"], k,
                                 scorer, weight)
     if map_all:

@@ -47,6 +47,11 @@ class Fragments:
         vectors = fragments[:, :mask.size(1)] * mask[..., None].to(fragments.dtype)
         return cls(vectors, mask, torch.bmm(vectors, vectors.transpose(1, 2)), vectors.pow(2).sum(-1))
 
+    def select(self, items: torch.Tensor) -> Fragments:
+        """What attention reads of some items (masks, Gram, norms); their vectors are not copied."""
+        return Fragments(self.vectors[:0], self.mask.index_select(0, items), self.gram.index_select(0, items),
+                         self.sq_norms.index_select(0, items))
+
     def __getitem__(self, items: slice) -> Fragments:
         return Fragments(self.vectors[items], self.mask[items], self.gram[items], self.sq_norms[items])
 
@@ -160,26 +165,38 @@ def text_to_image_attention(words: torch.Tensor, blocks: torch.Tensor, raw_featu
 
 def _attend_aligned(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
                     lambda_softmax: float) -> torch.Tensor:
-    """(P,) att(Q = query[p], C = context[p]) of aligned pairs; raw (P, Lc, Lq) from one bmm."""
+    """(P,) att(Q = query[p], C = context[p]) of aligned pairs; raw (P, Lc, Lq)."""
     per_pair_query = Fragments(query.vectors, query.mask[:, None, None], query.gram,
                                query.sq_norms[:, None, None])
     return _attend(raw[:, :, None], context, per_pair_query, norm, lambda_softmax)[:, 0]
 
 
-def aligned_paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.Tensor,
-                             col_lengths: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
-                             lambda_softmax: float = 9.0) -> torch.Tensor:
-    """(P,) att(Q = cols[p], C = rows[p]) + att(Q = rows[p], C = cols[p]) of P aligned pairs.
+def shortlist_attention(rows: Fragments, cols: Fragments, queries: torch.Tensor, candidates: torch.Tensor,
+                        queries_are_rows: bool, raw_feature_norm: str = "clipped_l2norm",
+                        lambda_softmax: float = 9.0) -> torch.Tensor:
+    """(Q, K) att(Q = col, C = row) + att(Q = row, C = col) of each query with its K candidates only.
 
-    The diagonal of paired_attention without the other pairs: re-ranking scores each query against
-    its own shortlisted candidates only.
+    rows / cols are a whole gallery's fragments (Fragments.of, prepared once); queries (Q,) index rows
+    when queries_are_rows, else cols, and candidates (Q, K) index the other side. Equals the entries
+    paired_attention gives these pairs; a query's fragments are used once, not copied K times.
     """
-    rows, cols = Fragments.of(rows, row_lengths), Fragments.of(cols, col_lengths)
-    raw = torch.bmm(rows.vectors, cols.vectors.transpose(1, 2))  # (P, Lr, Lc)
-    cols_as_query = _attend_aligned(raw, rows, cols, raw_feature_norm, lambda_softmax)
-    rows_as_query = _attend_aligned(raw.transpose(1, 2).contiguous(), cols, rows, raw_feature_norm,
+    n_queries, k = candidates.shape
+    if queries_are_rows:
+        listed = cols.vectors.index_select(0, candidates.reshape(-1)).view(n_queries, -1, cols.vectors.size(-1))
+        raw = torch.bmm(rows.vectors.index_select(0, queries), listed.transpose(1, 2))  # (Q, Lr, K * Lc)
+        raw = raw.view(n_queries, -1, k, cols.mask.size(1)).transpose(1, 2)
+        row_ids, col_ids = queries[:, None].expand(-1, k), candidates
+    else:
+        listed = rows.vectors.index_select(0, candidates.reshape(-1)).view(n_queries, -1, rows.vectors.size(-1))
+        raw = torch.bmm(listed, cols.vectors.index_select(0, queries).transpose(1, 2))  # (Q, K * Lr, Lc)
+        row_ids, col_ids = candidates, queries[:, None].expand(-1, k)
+    raw = raw.reshape(n_queries * k, rows.mask.size(1), cols.mask.size(1))  # (pairs, Lr, Lc)
+    row_ids, col_ids = row_ids.reshape(-1), col_ids.reshape(-1)
+    row_frags, col_frags = rows.select(row_ids), cols.select(col_ids)
+    cols_as_query = _attend_aligned(raw, row_frags, col_frags, raw_feature_norm, lambda_softmax)
+    rows_as_query = _attend_aligned(raw.transpose(1, 2).contiguous(), col_frags, row_frags, raw_feature_norm,
                                     lambda_softmax)
-    return cols_as_query + rows_as_query
+    return (cols_as_query + rows_as_query).view(n_queries, k)
 
 
 class LocalModel(TwoBranchModel):
@@ -228,11 +245,16 @@ class LocalModel(TwoBranchModel):
                 for c in range(0, texts.size(0), chunk)], dim=1))
         return torch.cat(row_blocks, dim=0)
 
-    def pair_similarity(self, images: torch.Tensor, texts: torch.Tensor,
-                        text_lengths: torch.Tensor) -> torch.Tensor:
-        """S_P (P,) of aligned pairs (images[p], texts[p]) of encode_primary outputs."""
-        return aligned_paired_attention(images, _block_lengths(images), texts, text_lengths.to(texts.device),
-                                        self.raw_feature_norm, self.lambda_softmax)
+    def gallery_fragments(self, images: torch.Tensor, texts: torch.Tensor,
+                          text_lengths: torch.Tensor) -> tuple[Fragments, Fragments]:
+        """Block and word fragments of encode_primary outputs, prepared once for shortlist_similarity."""
+        return Fragments.of(images, _block_lengths(images)), Fragments.of(texts, text_lengths)
+
+    def shortlist_similarity(self, images: Fragments, texts: Fragments, queries: torch.Tensor,
+                             candidates: torch.Tensor, direction: str) -> torch.Tensor:
+        """S_P (Q, K) of each query with its candidates: i2t = image queries, t2i = caption queries."""
+        return shortlist_attention(images, texts, queries, candidates, direction == "i2t",
+                                   self.raw_feature_norm, self.lambda_softmax)
 
 
 def _block_lengths(blocks: torch.Tensor) -> torch.Tensor:

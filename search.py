@@ -134,16 +134,17 @@ def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torc
     dataset, model = net.dataset(split), net.model
     if "text" in query:
         images = model.img_cnn(dataset.cnns[candidates].to(net.device))
-        words = model.txt_cnn(*query["text"])
-        lengths = query["text"][1].expand(len(candidates))
-        words = words.expand(len(candidates), -1, -1)
+        captions, lengths = query["text"]
+        direction = "t2i"
     else:
         images = model.img_cnn(dataset.cnns[query["image_row"]:query["image_row"] + 1].to(net.device))
-        images = images.expand(len(candidates), -1, -1)
-        captions = [dataset.captions[i] for i in candidates.tolist()]
-        lengths = torch.tensor([len(c) for c in captions])
-        words = model.txt_cnn(pad_sequence(captions, batch_first=True).to(net.device), lengths)
-    return model.pair_similarity(images, words, lengths).double().cpu()
+        listed = [dataset.captions[i] for i in candidates.tolist()]
+        captions, lengths = pad_sequence(listed, batch_first=True).to(net.device), torch.tensor([len(c) for c in listed])
+        direction = "i2t"
+    images, texts = model.gallery_fragments(images, model.txt_cnn(captions, lengths), lengths)
+    everyone = torch.arange(len(candidates), device=net.device)[None]
+    return model.shortlist_similarity(images, texts, torch.zeros(1, dtype=torch.long, device=net.device), everyone,
+                                      direction)[0].double().cpu()
 
 
 def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor) -> list[dict]:

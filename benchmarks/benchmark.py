@@ -2,7 +2,8 @@
 
   python -m benchmarks.benchmark                     everything (about 10-15 minutes on 2 cores)
   python -m benchmarks.benchmark --only loss,map   a subset: loss, map, global_epoch, local_step,
-                                            local_scoring, local_memory, local_epoch, features
+                                            local_scoring, local_memory, local_epoch, features,
+                                            gallery (evaluate.py --shortlist 100 on 10k/50k/100k items)
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from loss import msb_loss
 from metrics import ranking_metrics
 from tests.references import map_reference, msb_loss_reference
 
-PARTS = ("loss", "map", "global_epoch", "local_step", "local_scoring", "local_memory", "local_epoch", "features")
+PARTS = ("loss", "map", "global_epoch", "local_step", "local_scoring", "local_memory", "local_epoch", "features",
+         "gallery")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -88,6 +90,9 @@ def run(part: str) -> dict:
         return bench_map()
     if part in ("global_epoch", "local_epoch"):
         return bench_epoch(part.split("_")[0])
+    if part == "gallery":
+        from benchmarks import bench_gallery
+        return bench_gallery.bench_gallery()
     if part.startswith("local_"):
         from benchmarks import bench_local
         return getattr(bench_local, f"bench_{part}")()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import evaluate
 import gallery
 from metrics import retrieval_metrics
-from model_local import ATTENTION_NORMS, LocalModel, aligned_paired_attention, paired_attention
+from model_local import ATTENTION_NORMS, Fragments, LocalModel, paired_attention, shortlist_attention
 from tests.references import shortlist_metrics_reference
 
 TOL = 1e-12
@@ -36,9 +36,10 @@ def local_case(n_images: int, n_captions: int, seed: int):
     return blocks, words, lengths
 
 
-def pair_scorer(model: LocalModel, blocks, words, lengths):
-    return lambda image_ids, caption_ids: model.pair_similarity(blocks[image_ids], words[caption_ids],
-                                                                lengths[caption_ids])
+def local_scorer(model: LocalModel, blocks, words, lengths):
+    images, texts = model.gallery_fragments(blocks, words, lengths)
+    return lambda queries, candidates, direction: model.shortlist_similarity(images, texts, queries, candidates,
+                                                                             direction)
 
 
 def test_keep_top_and_rank_equal_a_stable_sort():
@@ -61,33 +62,35 @@ def test_global_shortlists_equal_the_full_ranking(monkeypatch, n_images, n_capti
         assert torch.equal(shortlist.scores, sims.gather(1, order))
 
 
-def test_aligned_pairs_equal_the_full_local_matrix():
-    torch.manual_seed(0)
-    model = LocalModel(LOCAL_OPT, 20).double()
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+def test_shortlist_attention_equals_the_full_local_matrix(norm):
     blocks, words, lengths = local_case(6, 8, 3)
-    image_ids, caption_ids = torch.tensor([0, 5, 5, 2, 3]), torch.tensor([7, 0, 1, 1, 4])
-    full = model.primary_similarity(blocks, words, lengths, chunk=4)
-    pairs = model.pair_similarity(blocks[image_ids], words[caption_ids], lengths[caption_ids])
-    assert (pairs - full[image_ids, caption_ids]).abs().max() < 1e-12
     block_lengths = torch.full((6,), 9)
-    for norm in ATTENTION_NORMS:
-        full = paired_attention(blocks, block_lengths, words, lengths, norm)
-        pairs = aligned_paired_attention(blocks[image_ids], block_lengths[image_ids], words[caption_ids],
-                                         lengths[caption_ids], norm)
-        assert (pairs - full[image_ids, caption_ids]).abs().max() < 1e-12, norm
+    full = paired_attention(blocks, block_lengths, words, lengths, norm)
+    rows, cols = Fragments.of(blocks, block_lengths), Fragments.of(words, lengths)
+    candidates = torch.tensor([[7, 0, 1], [1, 1, 4]])  # a repeated candidate too
+    queries = torch.tensor([5, 2])
+    i2t = shortlist_attention(rows, cols, queries, candidates, True, norm)
+    assert (i2t - full[queries[:, None], candidates]).abs().max() < 1e-12
+    candidates = torch.tensor([[0, 5], [3, 0], [2, 2]])
+    queries = torch.tensor([7, 0, 4])
+    t2i = shortlist_attention(rows, cols, queries, candidates, False, norm)
+    assert (t2i - full.T[queries[:, None], candidates]).abs().max() < 1e-12
 
 
-def test_local_scores_follow_the_direction():
+def test_local_scores_in_chunks_follow_the_direction(monkeypatch):
+    monkeypatch.setattr(gallery, "PAIRS_PER_CALL", 3)
     torch.manual_seed(0)
     model = LocalModel(LOCAL_OPT, 20).double()
     blocks, words, lengths = local_case(4, 6, 5)
     full = model.primary_similarity(blocks, words, lengths)
+    scorer = local_scorer(model, blocks, words, lengths)
     items = torch.tensor([[5, 0], [2, 3], [1, 1], [4, 0]])
-    i2t = gallery.local_scores(gallery.Shortlist(items.double(), items), "i2t", pair_scorer(model, blocks, words, lengths))
+    i2t = gallery.local_scores(gallery.Shortlist(items.double(), items), "i2t", scorer)
     assert (i2t - full.gather(1, items)).abs().max() < 1e-12
-    t2i = gallery.local_scores(gallery.Shortlist(items[:, :1].double(), items[:, :1] % 4), "t2i",
-                               pair_scorer(model, blocks, words, lengths))
-    assert (t2i[:, 0] - full[items[:, 0] % 4, torch.arange(4)]).abs().max() < 1e-12
+    images = torch.tensor([[3, 0, 1], [2, 2, 0], [1, 0, 3], [0, 1, 2], [3, 3, 1], [2, 0, 1]])
+    t2i = gallery.local_scores(gallery.Shortlist(images.double(), images), "t2i", scorer)
+    assert (t2i - full.T.gather(1, images)).abs().max() < 1e-12
 
 
 def _labels(n_images: int, per_image: int, seed: int, multi_hot: bool):
@@ -117,7 +120,7 @@ def test_shortlist_of_the_whole_gallery_equals_the_full_evaluation(monkeypatch, 
     image_labels, text_labels = _labels(n_images, per_image, 7, multi_hot)
     weight = 0.3
     got = gallery.shortlist_results(images, texts, image_labels, text_labels, n_captions,
-                                    pair_scorer(model, blocks, words, lengths), weight)
+                                    local_scorer(model, blocks, words, lengths), weight)
     global_sims = (images @ texts.T).numpy()
     local_sims = model.primary_similarity(blocks, words, lengths).numpy()
     full = {"global": global_sims, "local": local_sims, "fused": weight * global_sims + (1 - weight) * local_sims}
@@ -143,7 +146,7 @@ def test_map_at_k_matches_the_looped_reference(multi_hot):
     images, texts = integer_embeddings(n_images, 3, 9), integer_embeddings(per_image * n_images, 3, 10)
     image_labels, text_labels = _labels(n_images, per_image, 11, multi_hot)
     got = gallery.shortlist_results(images, texts, image_labels, text_labels, k,
-                                    pair_scorer(model, blocks, words, lengths), 0.6)
+                                    local_scorer(model, blocks, words, lengths), 0.6)
     global_sims = (images @ texts.T).numpy()
     local_sims = model.primary_similarity(blocks, words, lengths).numpy()
     for name, rerank in (("global", global_sims), ("local", local_sims),
