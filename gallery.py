@@ -45,11 +45,6 @@ class Shortlist:
     items: torch.Tensor  # (Q, K) gallery indices
 
 
-def caption_labels(dataset) -> torch.Tensor:
-    """Labels of the captions (k per image when the split has several captions per image)."""
-    return getattr(dataset, "caption_labels", dataset.labels)
-
-
 def keep_top(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best candidates of each row; rows list candidates by ascending gallery index, ties go to the
     lower index, and the kept ones stay in ascending index order."""
@@ -185,7 +180,7 @@ def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") ->
     dataset = net.dataset(split)
     images, texts, _ = encode_split(net.model, dataset, batch_size, net.device)
     embeddings = {"images": images.cpu(), "captions": texts.cpu(), "image_labels": dataset.labels,
-                  "caption_labels": caption_labels(dataset)}
+                  "caption_labels": dataset.caption_labels}
     if folder:
         _write_embeddings(folder, embeddings, stamp)
     return embeddings

@@ -31,10 +31,6 @@ class GlobalModel(TwoBranchModel):
         """CNN-branch caption vectors (B, d) used for retrieval (pooled over the batch as in training)."""
         return self._caption_vectors(self.txt_cnn, captions, lengths)
 
-    def encode_captions(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """CNN-branch caption vectors (B, d) alone, for a typed query."""
-        return self._caption_vectors(self.txt_cnn, captions, lengths)
-
     def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
                            text_lengths: torch.Tensor | None = None, chunk: int = 1000) -> torch.Tensor:
         """S_P for all image / caption pairs (N_img, N_txt)."""

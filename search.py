@@ -133,15 +133,15 @@ def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torc
     """Local S_P of the query and each candidate, encoding only these candidates."""
     dataset, model = net.dataset(split), net.model
     if "text" in query:
-        images = model.img_cnn(dataset.cnns[candidates].to(net.device))
+        images = model.encode_primary_images(dataset.cnns[candidates].to(net.device))
         captions, lengths = query["text"]
         direction = "t2i"
     else:
-        images = model.img_cnn(dataset.cnns[query["image_row"]:query["image_row"] + 1].to(net.device))
+        images = model.encode_primary_images(dataset.cnns[query["image_row"]:query["image_row"] + 1].to(net.device))
         listed = [dataset.captions[i] for i in candidates.tolist()]
         captions, lengths = pad_sequence(listed, batch_first=True).to(net.device), torch.tensor([len(c) for c in listed])
         direction = "i2t"
-    images, texts = model.gallery_fragments(images, model.txt_cnn(captions, lengths), lengths)
+    images, texts = model.gallery_fragments(images, model.encode_primary_texts(captions, lengths), lengths)
     everyone = torch.arange(len(candidates), device=net.device)[None]
     return model.shortlist_similarity(images, texts, torch.zeros(1, dtype=torch.long, device=net.device), everyone,
                                       direction)[0].double().cpu()
@@ -165,7 +165,7 @@ def make_query(args: argparse.Namespace, net, split: str, embeddings: dict) -> t
     """The query (token ids or image row), its global vector and what it searches: images or captions."""
     if args.text is not None:
         query = {"text": encode_text(net, args.text)}
-        return query, net.model.encode_captions(*query["text"]).cpu()[0], "images"
+        return query, net.model.encode_primary_texts(*query["text"]).cpu()[0], "images"
     row = args.image_row if args.image is None else image_row_of(args.image, net, split)
     n_images = embeddings["images"].size(0)
     if not 0 <= row < n_images:

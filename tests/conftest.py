@@ -46,17 +46,21 @@ def run_script(script: str, *args: str, cwd: str = REPO) -> subprocess.Completed
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def untrained(tiny_data, tmp_path_factory):
-    """Checkpoints of freshly initialised tiny subnetworks (evaluation does not need training)."""
-    folder = tmp_path_factory.mktemp("untrained")
-    vocab = load_vocab(vocab_file(tiny_data["vocab"], tiny_data["name"]))
+def save_untrained(data: dict, folder) -> dict[str, str]:
+    """Checkpoints of freshly initialised tiny subnetworks for data (as tiny_data gives it) in folder."""
+    vocab = load_vocab(vocab_file(data["vocab"], data["name"]))
     paths = {}
     for kind in ("global", "local"):
-        opt = parse_options(kind, train_argv(kind, tiny_data, str(folder)))
+        opt = parse_options(kind, train_argv(kind, data, str(folder)))
         torch.manual_seed(0)
         model = build_model(kind, opt, len(vocab))
-        paths[kind] = str(folder / f"{kind}.pth.tar")
+        paths[kind] = os.path.join(str(folder), f"{kind}.pth.tar")
         save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx,
                          "epoch": 0}, paths[kind])
     return paths
+
+
+@pytest.fixture(scope="session")
+def untrained(tiny_data, tmp_path_factory) -> dict[str, str]:
+    """Untrained checkpoints of the tiny dataset (evaluation and search do not need training)."""
+    return save_untrained(tiny_data, tmp_path_factory.mktemp("untrained"))

@@ -13,6 +13,9 @@ import evaluate
 import gallery
 from metrics import retrieval_metrics
 from model_local import ATTENTION_NORMS, Fragments, LocalModel, paired_attention, shortlist_attention
+from synthetic import generate
+from tests.conftest import TINY, save_untrained
+from vocab import build_vocab, save_vocab, vocab_file
 from tests.references import shortlist_metrics_reference
 
 TOL = 1e-12
@@ -225,3 +228,20 @@ def test_shortlist_flag_checks(untrained, capsys):
                                                                  "--shortlist", "10"], capsys)
     assert "at least 10" in evaluate_error(["--global_ckpt", untrained["global"], "--shortlist", "5"], capsys)
     assert "go with --shortlist" in evaluate_error(["--global_ckpt", untrained["global"], "--map_all"], capsys)
+
+
+def test_shortlist_with_three_captions_per_image(tmp_path, capsys):
+    generate(str(tmp_path), "three_precomp", {"test": 10}, seed=4, captions_per_image=3, **TINY)
+    data = {"coarse": str(tmp_path / "coarse-grained-data"), "fine": str(tmp_path / "fine-grained-data"),
+            "name": "three_precomp", "vocab": str(tmp_path / "vocab")}
+    # every word known: captions made of unknown words alone would encode alike and tie exactly in float32
+    caps = os.path.join(data["coarse"], "three_precomp", "test_caps.txt")
+    save_vocab(build_vocab([caps], threshold=1), vocab_file(data["vocab"], "three_precomp"))
+    checkpoints = save_untrained(data, tmp_path)
+    out, full = evaluate_cli(checkpoints, data, tmp_path / "full.json", capsys=capsys)
+    assert "10 images, 30 captions (3 per image)" in out
+    _, short = evaluate_cli(checkpoints, data, tmp_path / "short.json", "--shortlist", "30", capsys=capsys)
+    for name in ("global", "local", "fused"):
+        for direction in ("i2t", "t2i"):
+            for key, value in full[name][direction].items():
+                assert short[name][direction][key] == pytest.approx(value, abs=1e-6), (name, direction, key)

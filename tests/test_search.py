@@ -80,8 +80,8 @@ def test_text_query_with_local_reranking_is_fused(untrained, tiny_data, tmp_path
     local = Subnetwork("local", untrained["local"], tiny_data["fine"], args, torch.device("cpu"))
     ids = torch.tensor([local.vocab.encode(caption)])
     with torch.no_grad():
-        words = local.model.txt_cnn(ids, torch.tensor([ids.size(1)]))
-        blocks = local.model.img_cnn(local.dataset("test").cnns)
+        words = local.model.encode_primary_texts(ids, torch.tensor([ids.size(1)]))
+        blocks = local.model.encode_primary_images(local.dataset("test").cnns)
         full = local.model.primary_similarity(blocks, words, torch.tensor([ids.size(1)]))[:, 0]
     assert np.allclose([r["local"] for r in results], full[[r["row"] for r in results]].numpy(), atol=1e-5)
 
