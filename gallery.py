@@ -148,6 +148,13 @@ def global_map_all(images: torch.Tensor, texts: torch.Tensor, image_labels: torc
     return result
 
 
+def refuse_non_finite(dataset, kind: str, *embeddings: torch.Tensor) -> None:
+    """NaN or inf embeddings would rank silently into a normal-looking table (as scoring.similarity_matrix)."""
+    if not all(bool(torch.isfinite(values).all()) for values in embeddings):
+        raise InputError(f"{dataset.folder}: the {kind} embeddings of the '{dataset.split}' split hold NaN or inf "
+                         "values; feature values too large for float32?")
+
+
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -179,6 +186,7 @@ def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") ->
         return {name: torch.from_numpy(np.load(os.path.join(folder, f"{name}.npy"))) for name in EMBEDDING_FILES}
     dataset = net.dataset(split)
     images, texts, _ = encode_split(net.model, dataset, batch_size, net.device)
+    refuse_non_finite(dataset, "global", images, texts)
     embeddings = {"images": images.cpu(), "captions": texts.cpu(), "image_labels": dataset.labels,
                   "caption_labels": dataset.caption_labels}
     if folder:
@@ -206,6 +214,7 @@ def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: d
 def local_scorer(net, split: str, batch_size: int) -> ShortlistScorer:
     """Local S_P of queries and their candidates from the split's local fragments, encoded once."""
     blocks, words, lengths = encode_split(net.model, net.dataset(split), batch_size, net.device)
+    refuse_non_finite(net.dataset(split), "local", blocks, words)
     images, texts = net.model.gallery_fragments(blocks, words, lengths)
     del blocks, words  # the fragments hold trimmed copies
 

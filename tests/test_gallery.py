@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -245,3 +246,14 @@ def test_shortlist_with_three_captions_per_image(tmp_path, capsys):
         for direction in ("i2t", "t2i"):
             for key, value in full[name][direction].items():
                 assert short[name][direction][key] == pytest.approx(value, abs=1e-6), (name, direction, key)
+
+
+def test_non_finite_embeddings_are_refused(untrained, tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_data["coarse"], tiny_data["name"]), data / tiny_data["name"])
+    cnns = np.load(data / tiny_data["name"] / "test_cnns.npy")
+    cnns[3] = 3e38  # finite, but the projection overflows float32
+    np.save(data / tiny_data["name"] / "test_cnns.npy", cnns)
+    err = evaluate_error(["--global_ckpt", untrained["global"], "--data_path", str(data), "--shortlist", "10",
+                          "--output", str(tmp_path / "e.json")], capsys)
+    assert "global embeddings of the 'test' split hold NaN or inf" in err
