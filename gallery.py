@@ -51,12 +51,23 @@ def keep_top(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.T
     items = items.expand_as(scores)
     if scores.size(1) <= k:
         return scores, items
-    threshold = scores.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    top = scores.topk(k, dim=1, sorted=False)
+    threshold = top.values.min(dim=1, keepdim=True).values
+    columns = top.indices.sort(dim=1).values
+    # topk picks arbitrarily among values tied with the k-th best; only those rows need the tie rule.
+    tied_rows = ((scores >= threshold).sum(dim=1) > k).nonzero()[:, 0]
+    if len(tied_rows):
+        columns[tied_rows] = _lowest_tied_columns(scores[tied_rows], threshold[tied_rows], k)
+    return scores.gather(1, columns), items.gather(1, columns)
+
+
+def _lowest_tied_columns(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending columns of each row's k best when the k-th best value is tied: lower columns win ties."""
     above = scores > threshold
     tied = scores == threshold
     room = k - above.sum(dim=1, keepdim=True)
     chosen = above | (tied & (tied.cumsum(dim=1) <= room))
-    return scores[chosen].view(-1, k), items[chosen].view(-1, k)
+    return chosen.nonzero()[:, 1].view(-1, k)
 
 
 def rank(scores: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,10 @@ def local_scorer(model: LocalModel, blocks, words, lengths):
                                                                              direction)
 
 
-def test_keep_top_and_rank_equal_a_stable_sort():
-    scores = torch.randint(0, 4, (30, 50), generator=torch.Generator().manual_seed(0)).double()
+@pytest.mark.parametrize("integer", [True, False])  # many ties at the k-th value / none
+def test_keep_top_and_rank_equal_a_stable_sort(integer):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (30, 50), generator=gen).double() if integer else torch.randn(30, 50, generator=gen)
     items = torch.arange(50)[None]
     kept_scores, kept_items = gallery.rank(*gallery.keep_top(scores, items, 7))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :7]
