@@ -24,8 +24,8 @@ from scoring import similarity_matrix
 FUSION_GRID = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate M2HSE checkpoints and fuse global and local scores.")
+def add_subnetwork_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    """Flags shared by evaluate.py, visualize.py and search.py: checkpoints, their data, split, fusion, device."""
     p.add_argument("--global_ckpt", default="", help="checkpoint of train_global.py")
     p.add_argument("--local_ckpt", default="", help="checkpoint of train_local.py")
     p.add_argument("--data_path", default="", help="data folder when one checkpoint is given "
@@ -33,12 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global_data_path", default="", help="coarse-grained data folder (default: the checkpoint's)")
     p.add_argument("--local_data_path", default="", help="fine-grained data folder (default: the checkpoint's)")
     p.add_argument("--data_name", default="", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--split", default="test", help="split to evaluate; test falls back to dev when absent")
+    p.add_argument("--split", default="test", help=f"split to {verb}; test falls back to dev when absent")
     p.add_argument("--fusion_weight", type=float, default=0.5, help="w in w * global + (1 - w) * local")
-    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
     p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
     p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate M2HSE checkpoints and fuse global and local scores.")
+    add_subnetwork_arguments(p, "evaluate")
+    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
     p.add_argument("--output", default="", help="JSON of the table (default: next to the first checkpoint)")
     p.add_argument("--save_sims", default="", help="folder for the similarity matrices (.npy)")
     p.add_argument("--plot", default="", help="PNG of precision-recall curves")

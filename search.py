@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import split_file
 from errors import InputError, report_errors
-from evaluate import check_same_items, open_subnetworks, pick_split
+from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
 from options import resolve_device
 from vocab import read_captions
@@ -32,13 +32,7 @@ HNSW_NEIGHBOURS = 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Search a split by caption text or by image.")
-    p.add_argument("--global_ckpt", required=True, help="checkpoint of train_global.py (builds the index)")
-    p.add_argument("--local_ckpt", default="", help="checkpoint of train_local.py: re-rank by the fused score")
-    p.add_argument("--data_path", default="", help="data folder (default: the global checkpoint's own)")
-    p.add_argument("--global_data_path", default="", help="coarse-grained data folder, with two checkpoints")
-    p.add_argument("--local_data_path", default="", help="fine-grained data folder, with two checkpoints")
-    p.add_argument("--data_name", default="", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--split", default="test", help="split to search; test falls back to dev when absent")
+    add_subnetwork_arguments(p, "search")  # --global_ckpt is required: it builds the index
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption query: find images")
     query.add_argument("--image_row", type=int, help="image query by its row in the split: find captions")
@@ -47,14 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shortlist", type=int, default=100, help="candidates taken from the index for re-ranking")
     p.add_argument("--index", default="flat", choices=INDEX_KINDS,
                    help="flat: exact inner product; hnsw: approximate (graph), for large splits")
-    p.add_argument("--fusion_weight", type=float, default=0.5, help="w in w * global + (1 - w) * local")
     p.add_argument("--embeddings", default="", help="cache folder of embeddings and indexes "
                    "(default: embeddings_{split} next to the global checkpoint)")
-    p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
-    p.add_argument("--chunk", type=int, default=1000, help=argparse.SUPPRESS)  # read by evaluate.Subnetwork
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
+    if not args.global_ckpt:
+        p.error("--global_ckpt is required: the global subnetwork builds the index")
     if args.top < 1 or args.shortlist < 1:
         p.error("--top and --shortlist must be at least 1")
     if not 0.0 <= args.fusion_weight <= 1.0:

@@ -37,23 +37,13 @@ THUMB = 192  # pixels of the longer side of a drawn image
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--global_ckpt", default="", help="checkpoint of train_global.py")
-    p.add_argument("--local_ckpt", default="", help="checkpoint of train_local.py (needed for attention)")
-    p.add_argument("--data_path", default="", help="data folder when one checkpoint is given (default: its own)")
-    p.add_argument("--global_data_path", default="", help="coarse-grained data folder (default: the checkpoint's)")
-    p.add_argument("--local_data_path", default="", help="fine-grained data folder (default: the checkpoint's)")
-    p.add_argument("--data_name", default="", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--split", default="test", help="split to draw; test falls back to dev when absent")
+    evaluate.add_subnetwork_arguments(p, "draw")
     p.add_argument("--images_file", default="", help="image path of each feature row "
                    "(default: <data>/<split>_images.txt); relative paths are read from its folder")
     p.add_argument("--out_dir", default="figures")
     p.add_argument("--queries", type=int, default=4, help="queries per figure (and attention figures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
-    p.add_argument("--fusion_weight", type=float, default=0.5, help="w in w * global + (1 - w) * local")
     p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
-    p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
-    p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
     if not (args.global_ckpt or args.local_ckpt):
         p.error("give --global_ckpt, --local_ckpt or both")
