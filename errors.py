@@ -23,7 +23,8 @@ class TrainingError(ReportedError):
 
 
 def report_errors(main: Callable[..., object]) -> Callable[..., object]:
-    """Wrap a CLI entry point so a ReportedError prints one line and exits with status 2."""
+    """Wrap a CLI entry point: a ReportedError prints one line and exits with status 2, a Ctrl-C that the
+    script does not handle itself (loading data, scoring) one line and status 130."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -31,6 +32,9 @@ def report_errors(main: Callable[..., object]) -> Callable[..., object]:
         except ReportedError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("\ninterrupted (Ctrl-C); files already written are complete", file=sys.stderr)
+            sys.exit(130)
     return wrapper
 
 

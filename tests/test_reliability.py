@@ -17,7 +17,7 @@ import checkpoint
 import evaluate
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, OutputError, TrainingError
+from errors import InputError, OutputError, TrainingError, report_errors
 from tests.conftest import REPO, run_script, train_argv
 
 
@@ -368,3 +368,13 @@ def test_an_epoch_without_any_loss_term_warns(tiny_data, tmp_path, capsys):
     assert "warning: epoch 1: no batch produced a loss term" in capsys.readouterr().err
     logged = [line.split() for line in open(tmp_path / "run" / "loss.log")]
     assert logged and {float(words[words.index("loss") + 1]) for words in logged} == {0.0}
+
+
+def test_ctrl_c_outside_training_is_one_line(capsys):
+    def loading_data():
+        raise KeyboardInterrupt  # Ctrl-C while a script reads its data or scores a split
+
+    with pytest.raises(SystemExit) as stop:
+        report_errors(loading_data)()
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "interrupted" in err and len(err.strip().splitlines()) == 1
