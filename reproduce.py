@@ -129,13 +129,17 @@ class Timings:
 
     def __init__(self, path: str):
         self.path = path
-        self.seconds: dict[str, float] = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                self.seconds = json.load(f)
+        self.seconds = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if not os.path.isfile(self.path):
+            return {}
+        with open(self.path, encoding="utf-8") as f:
+            return json.load(f)
 
     def record(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(seconds, 1)
+        # Read again first: seeds may run in parallel processes that share this file.
+        self.seconds = {**self._read(), stage: round(seconds, 1)}
         write_json(self.path, self.seconds)
 
 

@@ -176,3 +176,11 @@ def test_dev_curve_and_still_rising(tmp_path) -> None:
     curve = reproduce.dev_curve(str(tmp_path))
     assert curve == {0: 2.0, 1: 10.0, 2: 12.0} and reproduce.still_rising(curve)
     assert not reproduce.still_rising({0: 2.0, 1: 10.0, 2: 9.0})
+
+
+def test_timings_of_parallel_seed_processes_are_all_kept(tmp_path):
+    path = str(tmp_path / "timings.json")
+    first, second = reproduce.Timings(path), reproduce.Timings(path)  # two processes, opened before either wrote
+    first.record("seed1/train/full/global", 10.0)
+    second.record("seed2/train/full/global", 20.0)
+    assert reproduce.Timings(path).seconds == {"seed1/train/full/global": 10.0, "seed2/train/full/global": 20.0}
