@@ -285,8 +285,9 @@ def test_interrupted_run_resumes_without_recomputing(cheap, tmp_path, monkeypatc
         return real_sift(*args, **kwargs)
 
     monkeypatch.setattr(features, "cnn_features", partial(counting_cnn, stop_after=4))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:  # Ctrl-C: one line, status 130
         run(cheap["manifest"], tmp_path / "out")
+    assert stop.value.code == 130
     assert list((tmp_path / "out" / ".cache").rglob("part-*.npz")) and not folder(tmp_path / "out").exists()
 
     calls["cnn"] = 0
