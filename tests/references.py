@@ -231,8 +231,13 @@ def ranking_metrics_reference(sims, query_labels, gallery_labels, ks=(1, 5, 10))
         for k in ks:
             hits[k].append(1.0 if any(ranked[:k]) else 0.0)
             precs[k].append(sum(ranked[:k]) / k)
+    return _percent_means(aps, hits, precs, skipped)
+
+
+def _percent_means(aps: list, hits: dict, precs: dict, skipped: int) -> dict:
+    """mAP, R@K and P@K in percent over the kept queries, and how many queries were left out."""
     out = {"mAP": 100 * sum(aps) / len(aps) if aps else 0.0}
-    for k in ks:
+    for k in hits:
         out[f"R@{k}"] = 100 * sum(hits[k]) / len(aps) if aps else 0.0
         out[f"P@{k}"] = 100 * sum(precs[k]) / len(aps) if aps else 0.0
     out["no_relevant"] = skipped
@@ -258,12 +263,7 @@ def shortlist_metrics_reference(global_sims, rerank_sims, query_labels, gallery_
         for k in ks:
             hits[k].append(1.0 if any(ranked[:k]) else 0.0)
             precs[k].append(sum(ranked[:k]) / k)
-    out = {"mAP": 100 * sum(aps) / len(aps) if aps else 0.0}
-    for k in ks:
-        out[f"R@{k}"] = 100 * sum(hits[k]) / len(aps) if aps else 0.0
-        out[f"P@{k}"] = 100 * sum(precs[k]) / len(aps) if aps else 0.0
-    out["no_relevant"] = skipped
-    return out
+    return _percent_means(aps, hits, precs, skipped)
 
 
 def map_reference(sims, query_labels, gallery_labels) -> float:
