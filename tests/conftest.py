@@ -23,14 +23,19 @@ TINY_MODEL_FLAGS = ["--cnn_dim", "24", "--bovw_dim", "12", "--embed_size", "16",
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Paths of a 40/20/20-item synthetic dataset (4 categories) and its vocabulary."""
-    root = tmp_path_factory.mktemp("tiny")
-    generate(str(root), "tiny_precomp", {"train": 40, "dev": 20, "test": 20}, seed=3, **TINY)
+    return make_dataset(str(tmp_path_factory.mktemp("tiny")), "tiny_precomp", {"train": 40, "dev": 20, "test": 20},
+                        seed=3)
+
+
+def make_dataset(root: str, name: str, sizes: dict, seed: int, **options) -> dict:
+    """Generate a tiny synthetic dataset under root with its vocabulary (train + dev, threshold 1); its paths."""
+    generate(root, name, sizes, seed=seed, **options, **TINY)
     coarse = os.path.join(root, "coarse-grained-data")
     vocab_dir = os.path.join(root, "vocab")
-    caps = [os.path.join(coarse, "tiny_precomp", f"{s}_caps.txt") for s in ("train", "dev")]
-    save_vocab(build_vocab(caps, threshold=1), vocab_file(vocab_dir, "tiny_precomp"))
-    return {"root": str(root), "coarse": coarse, "fine": os.path.join(root, "fine-grained-data"),
-            "name": "tiny_precomp", "vocab": vocab_dir}
+    caps = [os.path.join(coarse, name, f"{s}_caps.txt") for s in ("train", "dev")]
+    save_vocab(build_vocab(caps, threshold=1), vocab_file(vocab_dir, name))
+    return {"root": root, "coarse": coarse, "fine": os.path.join(root, "fine-grained-data"), "name": name,
+            "vocab": vocab_dir}
 
 
 def train_argv(kind: str, tiny_data: dict, run_dir: str, *extra: str) -> list[str]:

@@ -16,11 +16,10 @@ from metrics import precision_recall_curve, retrieval_metrics
 from models import build_model
 from options import parse_options
 from scoring import similarity_matrix, validate
-from synthetic import generate
-from tests.conftest import TINY, TINY_MODEL_FLAGS, run_script, train_argv
+from tests.conftest import TINY, TINY_MODEL_FLAGS, make_dataset, run_script, train_argv
 from tests.reference_local import attention
 from tests.references import inner_product_matrix, precision_recall_reference, ranking_metrics_reference
-from vocab import build_vocab, load_vocab, save_vocab, vocab_file
+from vocab import load_vocab, vocab_file
 
 K = 5
 IMAGES = {"train": 12, "dev": 8, "test": 8}
@@ -31,14 +30,7 @@ BATCH = 7  # caption batches straddle images, so the padded-mean quirk is exerci
 @pytest.fixture(scope="module")
 def five_data(tmp_path_factory) -> dict:
     """Paths of a 12/8/8-image synthetic dataset with 5 captions per image, and its vocabulary."""
-    root = tmp_path_factory.mktemp("five")
-    generate(str(root), "five_precomp", IMAGES, seed=5, captions_per_image=K, **TINY)
-    coarse = os.path.join(root, "coarse-grained-data")
-    vocab_dir = os.path.join(root, "vocab")
-    caps = [os.path.join(coarse, "five_precomp", f"{s}_caps.txt") for s in ("train", "dev")]
-    save_vocab(build_vocab(caps, threshold=1), vocab_file(vocab_dir, "five_precomp"))
-    return {"root": str(root), "coarse": coarse, "fine": os.path.join(root, "fine-grained-data"),
-            "name": "five_precomp", "vocab": vocab_dir}
+    return make_dataset(str(tmp_path_factory.mktemp("five")), "five_precomp", IMAGES, seed=5, captions_per_image=K)
 
 
 def vocab_of(data: dict):
