@@ -1,4 +1,4 @@
-"""Precomputed-feature datasets in the authors' precomp layout (SPEC section 1) and their loaders."""
+"""Precomputed-feature datasets in the authors' precomp layout (docs/METHOD.md section 1) and their loaders."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Encoders shared by the global and local subnetworks (SPEC section 3)."""
+"""Encoders shared by the global and local subnetworks (docs/METHOD.md section 3)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Evaluate saved subnetworks and their fusion: i2t / t2i mAP@all and R@K tables (SPEC section 7).
+"""Evaluate saved subnetworks and their fusion: i2t / t2i mAP@all and R@K tables (docs/METHOD.md section 7).
 
   python evaluate.py --global_ckpt checkpoint/M2HSE/Global/Corel5K/model_best.pth.tar \
                      --local_ckpt checkpoint/M2HSE/Local/Corel5K/model_best.pth.tar --tune_fusion

@@ -1,4 +1,4 @@
-"""Multi-spring balance (MSB) loss, SPEC section 5, vectorised over anchors."""
+"""Multi-spring balance (MSB) loss, docs/METHOD.md section 5, vectorised over anchors."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Retrieval metrics over a whole ranked gallery (SPEC section 7): mAP@all, Recall@K, precision@K."""
+"""Retrieval metrics over a whole ranked gallery (docs/METHOD.md section 7): mAP@all, Recall@K, precision@K."""
 from __future__ import annotations
 
 import numpy as np

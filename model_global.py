@@ -1,4 +1,4 @@
-"""Global-level subnetwork (SPEC sections 3-4): whole-image features against whole captions."""
+"""Global-level subnetwork (docs/METHOD.md sections 3-4): whole-image features against whole captions."""
 from __future__ import annotations
 
 import torch

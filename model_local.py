@@ -1,11 +1,12 @@
-"""Local (fine-grained) subnetwork: cross-attention similarities of blocks and words (SPEC 3-4).
+"""Local (fine-grained) subnetwork: cross-attention similarities of blocks and words (docs/METHOD.md
+sections 3-4).
 
 All pairs of a batch are scored at once, with no loop over items. Raw fragment scores live in a
 context-major layout (n_context, L_context, n_query, L_query), so the norm over the query index is a
 reduction over the last, contiguous axis and the Gram products are one bmm batched over context
 items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl and
-|v_l|^2 = w_l^T G w_l with G = C C^T (SPEC 4). Large galleries are processed in slices of context
-items (SLICE_ELEMENTS) so that the intermediates stay small.
+|v_l|^2 = w_l^T G w_l with G = C C^T (docs/METHOD.md section 4). Large galleries are processed in
+slices of context items (SLICE_ELEMENTS) so that the intermediates stay small.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def _raw_scores(context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 def _attention_logits(raw: torch.Tensor, query_mask: torch.Tensor, context_mask: torch.Tensor,
                       norm: str, lambda_softmax: float) -> torch.Tensor:
-    """lambda * (SPEC 4 step 2 of raw over the true query positions l), -inf at padded context k."""
+    """lambda * (docs/METHOD.md section 4, step 2, of raw over the true query positions l), -inf at padded
+    context k."""
     context_bias = torch.zeros(context_mask.shape, dtype=raw.dtype, device=raw.device)
     context_bias = context_bias.masked_fill(~context_mask, float("-inf"))[:, :, None, None]
     if norm == "no_norm":
@@ -115,7 +117,7 @@ def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
                     context_lengths: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
                     lambda_softmax: float = 9.0) -> torch.Tensor:
-    """(nQ, nC) matrix of att(Q = query[a][:len], C = context[b][:len]), SPEC 4.
+    """(nQ, nC) matrix of att(Q = query[a][:len], C = context[b][:len]), docs/METHOD.md section 4.
 
     query (nQ, Lq, d) and context (nC, Lc, d) are padded; lengths are (n,) integer tensors.
     """
@@ -153,8 +155,8 @@ def text_to_image_attention(words: torch.Tensor, blocks: torch.Tensor, raw_featu
                             lambda_softmax: float = 9.0) -> torch.Tensor:
     """Attention weights w (L words x K blocks) of one caption's words (L, d) over one image's blocks (K, d).
 
-    Row l is softmax over blocks k of lambda * normalised raw scores <block_k, word_l> (SPEC 4, steps
-    1-3 of t2i, normalised over the caption's words); each row sums to 1.
+    Row l is softmax over blocks k of lambda * normalised raw scores <block_k, word_l> (docs/METHOD.md
+    section 4, steps 1-3 of t2i, normalised over the caption's words); each row sums to 1.
     """
     query = Fragments.of(words[None], torch.tensor([words.size(0)], device=words.device))
     context = Fragments.of(blocks[None], torch.tensor([blocks.size(0)], device=blocks.device))

@@ -1,4 +1,4 @@
-"""Search a split with a typed caption or one of its images (issue 10, item 5).
+"""Search a split with a typed caption or one of its images.
 
   python search.py --global_ckpt G [--local_ckpt L] --text "sky sun clouds" [--top 10] [--json]
   python search.py --global_ckpt G --image_row 17            # or --image PATH listed in {split}_images.txt

@@ -1,4 +1,4 @@
-"""The one training loop of both subnetworks (SPEC section 6): Adam, step lr, MSB losses, dev selection."""
+"""The one training loop of both subnetworks (docs/METHOD.md section 6): Adam, step lr, MSB losses, dev selection."""
 from __future__ import annotations
 
 import math
@@ -90,7 +90,8 @@ class Trainer:
 
     def __init__(self, kind: str, opt: dict):
         self.kind, self.opt = kind, opt
-        if opt["batch_size"] < 2:  # SPEC 5: an anchor needs a positive and a negative in its own batch
+        # docs/METHOD.md section 5: an anchor needs a positive and a negative in its own batch
+        if opt["batch_size"] < 2:
             raise InputError(f"--batch_size {opt['batch_size']} cannot produce a loss: the MSB loss needs a "
                              "positive and a negative of another label in each batch, so at least 2 items")
         self.dist = distributed.setup(opt["device"], opt["gpuid"], opt["dist_timeout"])

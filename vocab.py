@@ -1,4 +1,5 @@
-"""Tokeniser and vocabulary (SPEC section 2), plus the CLI that builds `<vocab_path>/<data_name>_vocab.json`."""
+"""Tokeniser and vocabulary (docs/METHOD.md section 2), plus the CLI that builds
+`<vocab_path>/<data_name>_vocab.json`."""
 from __future__ import annotations
 
 import argparse

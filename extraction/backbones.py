@@ -1,4 +1,4 @@
-"""ImageNet CNN backbones for the CNN features (SPEC section 8).
+"""ImageNet CNN backbones for the CNN features (docs/METHOD.md section 8).
 
 - `alexnet` (the paper's): fc7, the second 4096-d fully connected layer after its ReLU; torchvision's
   weight file, downloaded once.

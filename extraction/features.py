@@ -1,6 +1,6 @@
-"""Visual features from raw images (SPEC section 8): CNN features (a backbone of extraction/backbones.py) and a
-dense-SIFT bag of visual words, each for the whole image and for every block of a uniform 3x3 grid (row-major,
-top-left first)."""
+"""Visual features from raw images (docs/METHOD.md section 8): CNN features (a backbone of
+extraction/backbones.py) and a dense-SIFT bag of visual words, each for the whole image and for every block
+of a uniform 3x3 grid (row-major, top-left first)."""
 from __future__ import annotations
 
 from pathlib import Path

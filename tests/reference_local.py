@@ -1,4 +1,5 @@
-"""Plain looped reference of the local similarities (SPEC 4): one pair at a time, v_l built explicitly.
+"""Plain looped reference of the local similarities (docs/METHOD.md section 4): one pair at a time,
+v_l built explicitly.
 
 Slow on purpose; the batched model_local code is checked against it and benchmarked against it.
 """
@@ -90,7 +91,7 @@ def reference_forward(model: nn.Module, cnn: torch.Tensor, bovw: torch.Tensor, c
 
 def reference_attention_weights(query: torch.Tensor, context: torch.Tensor, raw_feature_norm: str = "clipped_l2norm",
                                 lambda_softmax: float = 9.0) -> torch.Tensor:
-    """(Lq, Lc) weights w_kl of SPEC 4 steps 1-3, one score at a time: row l is query fragment l."""
+    """(Lq, Lc) weights w_kl of docs/METHOD.md section 4, steps 1-3, one score at a time: row l is query fragment l."""
     scores = torch.zeros(context.size(0), query.size(0), dtype=query.dtype)
     for k in range(context.size(0)):
         for l in range(query.size(0)):

@@ -1,6 +1,6 @@
-"""Plain, looped reference implementations of the formulas of SPEC sections 3-5 and 7.
+"""Plain, looped reference implementations of the formulas of docs/METHOD.md sections 3-5 and 7.
 
-Slow on purpose and written straight from the SPEC text: one anchor / query / caption / pair at a
+Slow on purpose and written straight from the formulas of docs/METHOD.md: one anchor / query / caption / pair at a
 time, no masking tricks. The vectorised project code is tested against these, and benchmark scripts
 import them (`msb_loss_reference`, `map_reference`).
 """
@@ -13,7 +13,7 @@ L2_EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------------------------
-# Labels: "relevant" = same label, or shares at least one label for multi-hot (N, C) labels (SPEC 1)
+# Labels: "relevant" = same label, or shares at least one label for multi-hot (N, C) labels (docs/METHOD.md section 1)
 # ----------------------------------------------------------------------------------------------
 
 def _label_rows(labels) -> list:
@@ -32,7 +32,7 @@ def is_relevant(a, b) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoders (SPEC 3)
+# Encoders (docs/METHOD.md section 3)
 # ----------------------------------------------------------------------------------------------
 
 def l2norm_reference(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
@@ -73,7 +73,7 @@ def text_encoder_reference(encoder, token_ids) -> torch.Tensor:
     backward over the reversed sequence, (fwd + bwd) / 2, then each word vector L2-normalised.
     """
     rnn = encoder.rnn
-    assert rnn.num_layers == 1, "the reference covers the 1-layer GRU of the SPEC"
+    assert rnn.num_layers == 1, "the reference covers the 1-layer GRU of docs/METHOD.md section 3"
     ids = [int(t) for t in token_ids]
     x = torch.stack([encoder.embed.weight[t] for t in ids])
     fwd = gru_direction_reference(x, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
@@ -101,7 +101,7 @@ def pool_words_reference(words: torch.Tensor, lengths, mode: str = "padded_mean"
 
 
 # ----------------------------------------------------------------------------------------------
-# Global similarities (SPEC 4)
+# Global similarities (docs/METHOD.md section 4)
 # ----------------------------------------------------------------------------------------------
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def global_similarity_reference(model, cnn: torch.Tensor, bovw: torch.Tensor, ca
     """S_P = <c_i, t_c,j>, S_A1 = <b_i, t_b,j>, S_A2 = <c_i, b_j> from the model's own encoder modules.
 
     Each image is encoded alone; each caption is encoded alone over its true length, then pooled by
-    the SPEC rule (batch-longest or own length).
+    the rule of docs/METHOD.md section 3 (batch-longest or own length).
     """
     lengths = [int(n) for n in lengths]
     longest = max(lengths)
@@ -141,7 +141,7 @@ def global_similarity_reference(model, cnn: torch.Tensor, bovw: torch.Tensor, ca
 
 
 # ----------------------------------------------------------------------------------------------
-# MSB loss (SPEC 5)
+# MSB loss (docs/METHOD.md section 5)
 # ----------------------------------------------------------------------------------------------
 
 def _mined_sets(values: list, positive: list, delta: float) -> tuple[list[int], list[int]]:
@@ -197,7 +197,7 @@ def msb_loss_reference(sims: torch.Tensor, labels, g1: float = 1.0, g2: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Retrieval metrics (SPEC 7)
+# Retrieval metrics (docs/METHOD.md section 7)
 # ----------------------------------------------------------------------------------------------
 
 def ranked_relevance(sim_row, query_label, gallery_labels: list) -> list[bool]:

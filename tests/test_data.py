@@ -1,4 +1,4 @@
-"""Dataset loading, validation messages and collate (SPEC section 1)."""
+"""Dataset loading, validation messages and collate (docs/METHOD.md section 1)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Encoders (encoders.py) against SPEC section 3 and the looped references."""
+"""Encoders (encoders.py) against docs/METHOD.md section 3 and the looped references."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Injected faults (issue 8, items 4-6): full disks, stale temporaries, umask, early output checks, numeric
+"""Injected faults: full disks, stale temporaries, umask, early output checks, numeric
 flags, resumed runs with other options or shapes, foreign vocabularies, bad UTF-8, and the rough edges."""
 from __future__ import annotations
 

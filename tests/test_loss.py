@@ -1,4 +1,4 @@
-"""Vectorised MSB loss (loss.msb_loss) against the looped SPEC-5 reference (tests/references)."""
+"""Vectorised MSB loss (loss.msb_loss) against the looped reference of docs/METHOD.md section 5 (tests/references)."""
 from __future__ import annotations
 
 import pytest

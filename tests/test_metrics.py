@@ -1,4 +1,4 @@
-"""Retrieval metrics (metrics.py) against the looped SPEC-7 references (tests/references)."""
+"""Retrieval metrics (metrics.py) against the looped references of docs/METHOD.md section 7 (tests/references)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""GlobalModel (model_global.py) against the SPEC-4 similarity formulas (tests/references)."""
+"""GlobalModel (model_global.py) against the similarity formulas of docs/METHOD.md section 4 (tests/references)."""
 from __future__ import annotations
 
 import pytest

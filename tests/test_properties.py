@@ -21,7 +21,8 @@ nonempty = captions.filter(lambda c: len(tokenize(c)) > 0)
 def test_tokens_are_nonempty_and_without_spaces(caption):
     tokens = tokenize(caption)
     assert all(t and t == t.strip() and " " not in t for t in tokens)
-    assert tokens == word_tokenize(caption.lower(), preserve_line=True)  # SPEC 2: same as NLTK's word_tokenize
+    # docs/METHOD.md section 2: the same tokens as NLTK's word_tokenize
+    assert tokens == word_tokenize(caption.lower(), preserve_line=True)
 
 
 @settings(max_examples=40, deadline=None)

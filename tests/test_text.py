@@ -1,4 +1,4 @@
-"""Tokeniser and vocabulary (vocab.py) against SPEC section 2."""
+"""Tokeniser and vocabulary (vocab.py) against docs/METHOD.md section 2."""
 from __future__ import annotations
 
 import json
@@ -116,7 +116,7 @@ def test_empty_caption_line_names_file_and_line(tmp_path):
 def test_real_corel5k_vocabulary_matches_authors_file():
     if not REAL_DATA.is_dir():
         pytest.skip(f"real Corel 5K captions not present at {REAL_DATA}")
-    assert len(read_captions(str(REAL_DATA / "train_caps.txt"))) == 4493   # SPEC 1 split sizes
+    assert len(read_captions(str(REAL_DATA / "train_caps.txt"))) == 4493   # docs/METHOD.md section 1: split sizes
     assert len(read_captions(str(REAL_DATA / "dev_caps.txt"))) == 499
     vocab = build_vocab([str(REAL_DATA / "train_caps.txt"), str(REAL_DATA / "dev_caps.txt")], threshold=2)
     with open(REAL_DATA / "corel5k_precomp_vocab.json", encoding="utf-8") as f:
@@ -129,7 +129,7 @@ def test_real_corel5k_vocabulary_matches_authors_file():
 
 
 def test_one_caption_per_newline_line(tmp_path):
-    # SPEC 1: one caption per line. Only newlines (\n, \r\n, \r) end a line, as when the authors'
+    # docs/METHOD.md section 1: one caption per line. Only newlines (\n, \r\n, \r) end a line, as when the authors'
     # loader iterates the file; other Unicode separators inside a caption must not split it, or the
     # captions stop lining up with the feature rows.
     path = tmp_path / "train_caps.txt"
