@@ -33,19 +33,44 @@ def _load_array(path: str, hint: str = "") -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy array ({err})") from None
 
 
+def read_summary(folder: str) -> dict:
+    """prepare_data.py's summary.json of a data folder; {} when absent or unreadable (e.g. the authors' files)."""
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def class_names(folder: str) -> list[str] | None:
+    """Name of each label id (summary.json's label_mapping), or None when the folder does not record them."""
+    mapping = read_summary(folder).get("label_mapping")
+    if not isinstance(mapping, dict) or sorted(mapping.values()) != list(range(len(mapping))):
+        return None
+    return sorted(mapping, key=mapping.get)
+
+
+def label_names(label: torch.Tensor, names: list[str]) -> str | list[str]:
+    """The class name of a label id, or the names of a multi-hot row's classes."""
+    if label.dim() == 0:
+        return names[int(label)]
+    return [names[i] for i in label.nonzero()[:, 0].tolist()]
+
+
 def _width_hint(path: str, flag: str, width: int) -> str:
     """What the files hold and the flag value they need, from the dataset's summary.json when present."""
     try:
-        with open(os.path.join(os.path.dirname(path), "summary.json"), encoding="utf-8") as f:
-            backbone = json.load(f)["cnn"]["backbone"]
-    except (OSError, ValueError, KeyError, TypeError):  # no summary (e.g. the authors' files): just the width
+        backbone = read_summary(os.path.dirname(path))["cnn"]["backbone"]
+    except (KeyError, TypeError):  # no summary (e.g. the authors' files): just the width
         backbone = None
     held = f"{backbone} features" if flag == "--cnn_dim" and backbone else f"{width}-wide features"
     return f"; the files hold {held}: use {flag} {width}"
 
 
-def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Tensor:
-    """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite."""
+def load_features(path: str, granularity: str, dim: int, flag: str, checkpoint: str = "") -> torch.Tensor:
+    """Float32 features, (N, dim) for global or (N, 9, dim) for local, all finite; dim is the checkpoint's
+    when one is named (evaluation), else the training option `flag`."""
     array = _load_array(path, " (features are built from raw images by prepare_data.py)")
     expected = f"(N, {dim})" if granularity == "global" else f"(N, {NUM_BLOCKS}, {dim})"
     ndim = 2 if granularity == "global" else 3
@@ -56,6 +81,9 @@ def load_features(path: str, granularity: str, dim: int, flag: str) -> torch.Ten
                          f"subnetwork needs {expected}{hint}")
     if granularity == "local" and array.shape[1] != NUM_BLOCKS:
         raise InputError(f"{path}: shape {array.shape}, expected {NUM_BLOCKS} blocks per image {expected}")
+    if array.shape[-1] != dim and checkpoint:
+        raise InputError(f"{path}: feature width {array.shape[-1]} differs from the {dim} ({flag}) that {checkpoint} "
+                         f"was trained on; give the checkpoint trained on these features, or its own data folder")
     if array.shape[-1] != dim:
         raise InputError(f"{path}: feature width {array.shape[-1]} differs from {flag} {dim}"
                          f"{_width_hint(path, flag, array.shape[-1])}")
@@ -104,7 +132,7 @@ class PrecompDataset(Dataset):
     """
 
     def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
-                 granularity: str, cnn_dim: int, bovw_dim: int):
+                 granularity: str, cnn_dim: int, bovw_dim: int, checkpoint: str = ""):
         folder = os.path.join(data_path, data_name)
         self.folder, self.split = folder, split
         if not os.path.isdir(folder):
@@ -114,8 +142,8 @@ class PrecompDataset(Dataset):
         if not self.captions:
             raise InputError(f"{caps_path}: the split '{split}' is empty")
         check_known_words(caps_path, self.captions, vocab)
-        self.cnns = load_features(split_file(folder, split, "cnns"), granularity, cnn_dim, "--cnn_dim")
-        self.bovws = load_features(split_file(folder, split, "bovws"), granularity, bovw_dim, "--bovw_dim")
+        self.cnns = load_features(split_file(folder, split, "cnns"), granularity, cnn_dim, "--cnn_dim", checkpoint)
+        self.bovws = load_features(split_file(folder, split, "bovws"), granularity, bovw_dim, "--bovw_dim", checkpoint)
         self.labels = load_labels(split_file(folder, split, "labels"))
         self.num_images = len(self.labels)
         self.captions_per_image = _captions_per_image(folder, split, self)

@@ -112,7 +112,7 @@ class Subnetwork:
     def dataset(self, split: str) -> PrecompDataset:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
-                                                  self.opt["cnn_dim"], self.opt["bovw_dim"])
+                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.path)
         return self.datasets[split]
 
     def sims(self, split: str) -> np.ndarray:

@@ -189,8 +189,7 @@ def cnn_chunk(paths: list[Path], model: torch.nn.Module, device: torch.device, b
     job = ImageJob(paths, chunk, cnn_item)
     out = []
     for views in DataLoader(job, batch_size=batch_size, num_workers=workers, collate_fn=np.stack):
-        vectors = features.cnn_features(model, views.reshape(-1, *views.shape[2:]), device)
-        out.append(vectors.reshape(len(views), features.N_VIEWS, -1))
+        out.append(features.view_features(model, views, device))
         progress(len(views))
     return {"cnn": np.concatenate(out)}
 
@@ -388,6 +387,11 @@ def write_split(split: str, items: list[Item], labels: dict[str, int], multi_hot
                     folders["fine"] / f"{split}_{kind}.npy")
 
 
+def recorded_weights(weights: str) -> str:
+    """--cnn_weights as summary.json records it: a weight file by its absolute path, so search.py finds it."""
+    return weights if weights in ("imagenet", "random") else str(Path(weights).resolve())
+
+
 def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, list[Item]],
             labels: dict[str, int], dropped: list[dict], n_descriptors: int, cnn_width: int) -> dict:
     """Everything needed to know how the features were made."""
@@ -402,7 +406,7 @@ def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, 
         "labels": "multi-hot (N, C)" if collection.multi_label else "one class id per row (N,)",
         "dims": {"cnn": cnn_width, "bovw": args.codebook_size, "grid": f"{features.GRID}x{features.GRID}",
                  "coarse": "(N, D)", "fine": f"(N, {features.N_BLOCKS}, D), blocks row-major from the top left"},
-        "cnn": {"backbone": args.cnn_backbone, "weights": args.cnn_weights,
+        "cnn": {"backbone": args.cnn_backbone, "weights": recorded_weights(args.cnn_weights),
                 **backbones.BACKBONES[args.cnn_backbone].SUMMARY,
                 "input": f"whole image and each block resized to {features.CNN_SIZE}x{features.CNN_SIZE} "
                          "(PIL bilinear), RGB"},

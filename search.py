@@ -1,7 +1,12 @@
-"""Search a split with a typed caption or one of its images.
+"""Search a split with a typed caption or an image.
 
   python search.py --global_ckpt G [--local_ckpt L] --text "sky sun clouds" [--top 10] [--json]
-  python search.py --global_ckpt G --image_row 17            # or --image PATH listed in {split}_images.txt
+  python search.py --global_ckpt G [--local_ckpt L] --image my_photo.jpg     # any image file
+  python search.py --global_ckpt G --image_row 17                            # an image of the split by row
+
+An image listed in {split}_images.txt is searched as its row; any other image file gets its CNN features
+computed on the fly exactly as prepare_data.py made the split's (extraction/query.py). Results name their
+classes when the data folder's summary.json records them.
 
 A FAISS index of the split's global image and caption embeddings (exact inner product by default,
 `--index hnsw` approximate) finds each query's `--shortlist` nearest items; with a local checkpoint they
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data import split_file
+from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
@@ -36,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption query: find images")
     query.add_argument("--image_row", type=int, help="image query by its row in the split: find captions")
-    query.add_argument("--image", help="image query by its path in {split}_images.txt: find captions")
+    query.add_argument("--image", help="image query, any image file (JPEG, PNG, TIFF, ...): find captions")
     p.add_argument("--top", type=int, default=10, help="results to show")
     p.add_argument("--shortlist", type=int, default=100, help="candidates taken from the index for re-ranking")
     p.add_argument("--index", default="flat", choices=INDEX_KINDS,
@@ -97,18 +102,38 @@ def image_list_file(net, split: str) -> str:
     return os.path.join(net.data_path, net.data_name, f"{split}_images.txt")
 
 
-def image_row_of(path: str, net, split: str) -> int:
-    """Row of an image path in the split's image list."""
+def listed_row(path: str, net, split: str) -> int | None:
+    """Row of an image path in the split's image list; None when the split does not list it."""
     listing = image_list_file(net, split)
     if not os.path.isfile(listing):
-        raise InputError(f"{listing}: not found; --image needs the split's image list (or use --image_row)")
+        return None
     with open(listing, encoding="utf-8") as f:
         paths = [line.rstrip("\n") for line in f]
-    wanted = os.path.normpath(path)
-    for row, listed in enumerate(paths):
-        if os.path.normpath(listed) == wanted:
-            return row
-    raise InputError(f"{path}: not listed in {listing}; search works on the split's own images")
+    wanted = os.path.abspath(path)
+    return next((row for row, listed in enumerate(paths) if os.path.abspath(listed) == wanted), None)
+
+
+def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
+    """CNN features of an image file for each subnetwork, made as its data folder's features were: the whole
+    image (1, W) for the global one, its 3x3 blocks (1, 9, W) for the local one."""
+    try:
+        from extraction.query import cnn_recipe, image_views, open_backbone, query_image
+    except ImportError as err:
+        raise InputError(f"--image with a file outside the split needs the feature extraction packages ({err}): "
+                         "pip install -r requirements-features.txt") from None
+    image = query_image(path)
+    recipes = {net.kind: cnn_recipe(os.path.join(net.data_path, net.data_name)) for net in nets}
+    recipe = recipes["global"]
+    if len(nets) == 2 and recipes["local"].made_as() != recipe.made_as():
+        raise InputError(f"{recipes['local'].summary} and {recipe.summary} record different CNN features; "
+                         "fusion needs both folders made by the same prepare_data.py run")
+    for net in nets:
+        if net.opt["cnn_dim"] != recipe.width:
+            raise InputError(f"{recipe.summary}: the features are {recipe.width} wide ({recipe.backbone}), but "
+                             f"{net.path} was trained on {net.opt['cnn_dim']} (--cnn_dim); give the checkpoint "
+                             "trained on these features, or its own data folder")
+    views = torch.from_numpy(image_views(image, open_backbone(recipe, nets[0].device), nets[0].device))
+    return {"global": views[:1], "local": views[None, 1:]}
 
 
 @torch.no_grad()
@@ -129,7 +154,9 @@ def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torc
         captions, lengths = query["text"]
         direction = "t2i"
     else:
-        images = model.encode_primary_images(dataset.cnns[query["image_row"]:query["image_row"] + 1].to(net.device))
+        row = query.get("image_row")
+        cnn = query["local_cnn"] if row is None else dataset.cnns[row:row + 1]
+        images = model.encode_primary_images(cnn.to(net.device))
         listed = [dataset.captions[i] for i in candidates.tolist()]
         captions, lengths = pad_sequence(listed, batch_first=True).to(net.device), torch.tensor([len(c) for c in listed])
         direction = "i2t"
@@ -139,30 +166,50 @@ def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torc
                                       direction)[0].double().cpu()
 
 
-def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Row, label and caption text or image path (when the split lists them) of each result."""
+def label_fields(label: torch.Tensor, names: list[str] | None) -> dict:
+    """{"label": id (or multi-hot row)}, with "class": its name(s) when the data records them."""
+    return {"label": label.tolist(), **({"class": label_names(label, names)} if names else {})}
+
+
+def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor,
+             names: list[str] | None) -> list[dict]:
+    """Row, label (and class name) and caption text or image path (when the split lists them) of each result."""
+    folder = os.path.join(net.data_path, net.data_name)
     if target == "captions":
-        texts = read_captions(split_file(os.path.join(net.data_path, net.data_name), split, "caps"))
-        return [{"row": r, "label": labels[r].tolist(), "caption": texts[r]} for r in rows.tolist()]
+        texts = read_captions(split_file(folder, split, "caps"))
+        return [{"row": r, **label_fields(labels[r], names), "caption": texts[r]} for r in rows.tolist()]
     paths = []
     if os.path.isfile(image_list_file(net, split)):
         with open(image_list_file(net, split), encoding="utf-8") as f:
             paths = f.read().splitlines()
-    return [{"row": r, "label": labels[r].tolist(), **({"image": paths[r]} if paths else {})}
+    return [{"row": r, **label_fields(labels[r], names), **({"image": paths[r]} if paths else {})}
             for r in rows.tolist()]
 
 
 @torch.no_grad()
-def make_query(args: argparse.Namespace, net, split: str, embeddings: dict) -> tuple[dict, torch.Tensor, str]:
-    """The query (token ids or image row), its global vector and what it searches: images or captions."""
+def make_query(args: argparse.Namespace, nets: list, split: str) -> tuple[dict, str]:
+    """The query and what it searches (images or captions): token ids and their global "vector", an image row,
+    or an image from outside the split as its global "vector" and its blocks' "local_cnn" features."""
+    net = nets[0]
     if args.text is not None:
-        query = {"text": encode_text(net, args.text)}
-        return query, net.model.encode_primary_texts(*query["text"]).cpu()[0], "images"
-    row = args.image_row if args.image is None else image_row_of(args.image, net, split)
-    n_images = embeddings["images"].size(0)
+        tokens = encode_text(net, args.text)
+        return {"text": tokens, "vector": net.model.encode_primary_texts(*tokens).cpu()[0]}, "images"
+    row = args.image_row if args.image is None else listed_row(args.image, net, split)
+    if row is not None:
+        return {"image_row": row}, "captions"
+    cnns = outside_image_features(args.image, nets)
+    vector = net.model.encode_primary_images(cnns["global"].to(net.device)).cpu()[0]
+    return {"vector": vector, "local_cnn": cnns["local"]}, "captions"
+
+
+def query_vector(query: dict, embeddings: dict, split: str) -> torch.Tensor:
+    """The query's global vector: its own, or its row's embedding."""
+    if "vector" in query:
+        return query["vector"]
+    row, n_images = query["image_row"], embeddings["images"].size(0)
     if not 0 <= row < n_images:
         raise InputError(f"--image_row {row}: the {split} split has rows 0 to {n_images - 1}")
-    return {"image_row": row}, embeddings["images"][row], "captions"
+    return embeddings["images"][row]
 
 
 def candidate_scores(args: argparse.Namespace, nets: list, split: str, query: dict, global_scores: torch.Tensor,
@@ -183,8 +230,9 @@ def run_search(args: argparse.Namespace) -> dict:
         check_same_items(nets, split)
     global_net = nets[0]
     folder = args.embeddings or os.path.join(os.path.dirname(args.global_ckpt) or ".", f"embeddings_{split}")
+    query, target = make_query(args, nets, split)  # an unusable query image stops here, before any encoding
     embeddings = load_or_encode_global(global_net, split, args.batch_size or global_net.opt["batch_size"], folder)
-    query, vector, target = make_query(args, global_net, split, embeddings)
+    vector = query_vector(query, embeddings, split)
     index = load_or_build_index(embeddings[target], os.path.join(folder, f"index_{args.index}_{target}.faiss"),
                                 args.index)
     global_scores, rows = search_index(index, vector, args.shortlist)
@@ -192,10 +240,13 @@ def run_search(args: argparse.Namespace) -> dict:
     ranked_rows = rank(scores["score"][None], rows[None])[1][0][:args.top]
     position = {row: i for i, row in enumerate(rows.tolist())}
     labels = embeddings["caption_labels" if target == "captions" else "image_labels"]
+    names = class_names(os.path.join(global_net.data_path, global_net.data_name))
     results = [{"rank": number, **item, **{name: float(s[position[item["row"]]]) for name, s in scores.items()}}
-               for number, item in enumerate(describe(global_net, split, target, ranked_rows, labels), 1)]
-    shown = {"text": args.text} if args.text is not None else \
-        {"image_row": query["image_row"], **({"image": args.image} if args.image else {})}
+               for number, item in enumerate(describe(global_net, split, target, ranked_rows, labels, names), 1)]
+    shown = {"text": args.text} if args.text is not None else ({"image": args.image} if args.image else {})
+    if "image_row" in query:  # an image of the split: its row and class
+        row = query["image_row"]
+        shown.update(image_row=row, **label_fields(embeddings["image_labels"][row], names))
     return {"query": shown, "split": split, "target": target, "index": args.index,
             "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results}
 
@@ -209,7 +260,8 @@ def format_results(found: dict) -> str:
     for r in found["results"]:
         parts = f" (global {r['global']:.4f}, local {r['local']:.4f})" if "local" in r else ""
         what = r.get("caption") or r.get("image") or ""
-        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  label {r['label']}  {what}".rstrip())
+        label = f"class {', '.join(np.atleast_1d(r['class']))}" if "class" in r else f"label {r['label']}"
+        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  {label}  {what}".rstrip())
     return "\n".join(lines)
 
 

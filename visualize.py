@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import evaluate
-from data import split_file
+from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from files import atomic_write, check_writable
 from loss import relevance
@@ -99,6 +99,12 @@ class Gallery:
                                        self.sims.shape[0])
         self.captions_per_image = dataset.captions_per_image
         self.relevant = relevance(dataset.labels, dataset.caption_labels).numpy()  # (images, captions)
+        names = class_names(folder)
+        self.classes = [label_names(label, names) for label in dataset.labels] if names else None
+
+    def named(self, image: int) -> str:
+        """' (class name)' of an image row when the data records class names, else ''."""
+        return f" ({', '.join(np.atleast_1d(self.classes[image]))})" if self.classes else ""
 
     def image_of_caption(self, caption: int) -> int:
         """Row of the image a caption describes."""
@@ -137,12 +143,13 @@ def draw_text_to_image(gallery: Gallery, queries: np.ndarray, path: str) -> None
     """Each caption query, then its top images framed green (relevant) or red."""
     plt, fig, axes = plt_figure(len(queries), TOP + 1, 2.2 * (TOP + 1), 2.0 * len(queries))
     for row, caption in zip(axes, queries):
-        row[0].text(0.0, 0.5, f"caption {caption}:\n" + wrapped(gallery.captions[caption]), va="center",
+        named = gallery.named(gallery.image_of_caption(caption))
+        row[0].text(0.0, 0.5, f"caption {caption}{named}:\n" + wrapped(gallery.captions[caption]), va="center",
                     fontsize=10, wrap=True)
         for rank, (ax, image) in enumerate(zip(row[1:], ranked(gallery.sims[:, caption])), 1):
             hit = gallery.relevant[image, caption]
             ax.imshow(thumbnail(gallery.images[image], GREEN if hit else RED))
-            ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}", fontsize=9)
+            ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}{gallery.named(image)}", fontsize=9)
     fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant (shared "
                  "category), red: not", fontsize=11)
     save(plt, fig, path)
@@ -153,7 +160,7 @@ def draw_image_to_text(gallery: Gallery, queries: np.ndarray, path: str) -> None
     plt, fig, axes = plt_figure(len(queries), 2, 11.0, 2.0 * len(queries), width_ratios=[1, 3.5])
     for (image_ax, text_ax), image in zip(axes, queries):
         image_ax.imshow(thumbnail(gallery.images[image]))
-        image_ax.set_title(f"image {image}", fontsize=9)
+        image_ax.set_title(f"image {image}{gallery.named(image)}", fontsize=9)
         for rank, caption in enumerate(ranked(gallery.sims[image]), 1):
             hit = gallery.relevant[image, caption]
             text = textwrap.shorten(gallery.captions[caption], 80)

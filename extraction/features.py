@@ -29,16 +29,27 @@ def load_rgb(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def image_problem(path: str | Path) -> str | None:
-    """Why an image cannot be used ('missing', 'unreadable: ...', 'too small: ...'), or None if it can."""
+def usable_rgb(path: str | Path) -> Image.Image:
+    """The decoded RGB image, or ValueError saying why it cannot be used ('missing', 'unreadable: ...',
+    'too small: ...')."""
     if not Path(path).is_file():
-        return "missing"
+        raise ValueError("missing")
     try:
-        width, height = load_rgb(path).size
+        image = load_rgb(path)
     except Exception as err:  # any decoder failure (truncated, not an image, decompression bomb) means unusable
-        return f"unreadable: {err}"
-    if min(width, height) < GRID:
-        return f"too small: {width}x{height}, every block of the {GRID}x{GRID} grid needs a pixel"
+        raise ValueError(f"unreadable: {err}") from None
+    if min(image.size) < GRID:
+        raise ValueError(f"too small: {image.width}x{image.height}, every block of the {GRID}x{GRID} grid "
+                         "needs a pixel")
+    return image
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why an image cannot be used (as usable_rgb says), or None if it can."""
+    try:
+        usable_rgb(path)
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -79,6 +90,12 @@ def cnn_features(model: nn.Module, batch: np.ndarray, device: torch.device) -> n
     mean = torch.tensor(model.MEAN, device=device).reshape(1, 3, 1, 1)
     std = torch.tensor(model.STD, device=device).reshape(1, 3, 1, 1)
     return model.embed((pixels - mean) / std).float().cpu().numpy()
+
+
+def view_features(model: nn.Module, views: np.ndarray, device: torch.device) -> np.ndarray:
+    """(n, 10, width) backbone features of n images given as their cnn_views, (n, 10, 3, 224, 224) uint8."""
+    vectors = cnn_features(model, views.reshape(-1, *views.shape[2:]), device)
+    return vectors.reshape(len(views), N_VIEWS, -1)
 
 
 # ---------------------------------------------------------------- BoVW: dense SIFT, codebook, histograms

@@ -30,6 +30,11 @@ def tiny_data(tmp_path_factory) -> dict:
 def make_dataset(root: str, name: str, sizes: dict, seed: int, **options) -> dict:
     """Generate a tiny synthetic dataset under root with its vocabulary (train + dev, threshold 1); its paths."""
     generate(root, name, sizes, seed=seed, **options, **TINY)
+    return with_vocab(root, name)
+
+
+def with_vocab(root: str, name: str) -> dict:
+    """Write the vocabulary (train + dev captions, threshold 1) of the dataset `name` under root; its paths."""
     coarse = os.path.join(root, "coarse-grained-data")
     vocab_dir = os.path.join(root, "vocab")
     caps = [os.path.join(coarse, name, f"{s}_caps.txt") for s in ("train", "dev")]
@@ -51,12 +56,13 @@ def run_script(script: str, *args: str, cwd: str = REPO) -> subprocess.Completed
                           capture_output=True, text=True, timeout=600)
 
 
-def save_untrained(data: dict, folder) -> dict[str, str]:
-    """Checkpoints of freshly initialised tiny subnetworks for data (as tiny_data gives it) in folder."""
+def save_untrained(data: dict, folder, *extra: str) -> dict[str, str]:
+    """Checkpoints of freshly initialised tiny subnetworks for data (as tiny_data gives it) in folder; extra:
+    more training flags (e.g. other feature widths)."""
     vocab = load_vocab(vocab_file(data["vocab"], data["name"]))
     paths = {}
     for kind in ("global", "local"):
-        opt = parse_options(kind, train_argv(kind, data, str(folder)))
+        opt = parse_options(kind, train_argv(kind, data, str(folder), *extra))
         torch.manual_seed(0)
         model = build_model(kind, opt, len(vocab))
         paths[kind] = os.path.join(str(folder), f"{kind}.pth.tar")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from data import load_features, load_labels
+from data import class_names, label_names, load_features, load_labels
 from errors import InputError
 from extraction import backbones, features
 import prepare_data
@@ -202,6 +202,12 @@ def test_nearest_centre_assignment():
     codebook = np.array([[0.0] * 128, [10.0] * 128], dtype=np.float32)
     descriptors = np.array([[1.0] * 128, [9.0] * 128, [4.0] * 128], dtype=np.float32)
     assert features.assign_words(descriptors, codebook).tolist() == [0, 1, 0]
+
+
+def test_summary_records_a_weight_file_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # search.py, run from elsewhere, must still find the file
+    assert prepare_data.recorded_weights("w/alexnet.pth") == str(tmp_path / "w" / "alexnet.pth")
+    assert [prepare_data.recorded_weights(w) for w in ("imagenet", "random")] == ["imagenet", "random"]
 
 
 def test_label_mapping_sorted_numeric_when_all_integers():
@@ -548,6 +554,7 @@ def test_caption_json_writes_k_captions_per_feature_row(captioned):
             assert labels.tolist() == [k % 3 for k in range(len(entries))]  # circles, squares, stripes in turn
     summary = json.loads((folder(captioned["out"]) / "summary.json").read_text())
     assert summary["captions_per_image"] == 3 and summary["splits"]["dev"] == {"items": 3, "captions": 9, "labels": 3}
+    assert class_names(str(folder(captioned["out"], "fine"))) == ["circles", "squares", "stripes"]  # the file names
 
 
 def test_captions_per_image_keeps_the_first_k(captioned, cheap_cnn, tmp_path):
@@ -563,6 +570,7 @@ def test_label_csv_gives_the_same_labels_as_class_lists(captioned, cheap_cnn, tm
     (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
     run_json(captioned, tmp_path / "out", labels=("--label_csv", str(tmp_path / "labels.csv")))
     assert output_files(tmp_path / "out") == output_files(captioned["out"])
+    assert class_names(str(folder(tmp_path / "out"))) == ["circles", "squares", "stripes"]  # the CSV's values
 
 
 def test_multi_label_class_lists_give_multi_hot_labels(captioned, cheap_cnn, tmp_path):
@@ -573,6 +581,7 @@ def test_multi_label_class_lists_give_multi_hot_labels(captioned, cheap_cnn, tmp
     labels = load_labels(str(folder(tmp_path / "out") / "train_labels.npy"))
     assert labels.shape == (6, 4)  # classes circles, round, squares, stripes
     assert labels[0].tolist() == [1, 1, 0, 0] and labels[1].tolist() == [0, 0, 1, 0]
+    assert label_names(labels[0], class_names(str(folder(tmp_path / "out")))) == ["circles", "round"]
     assert load_labels(str(folder(tmp_path / "out") / "test_labels.npy"))[1].tolist() == [0, 1, 1, 0]
 
 

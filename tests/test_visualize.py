@@ -2,7 +2,9 @@
 generated images."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -107,6 +109,18 @@ def test_relevance_pairs_images_with_captions(checkpoints, three_data, images_fi
     for i in range(TEST_IMAGES):
         for j in range(K * TEST_IMAGES):
             assert gallery.relevant[i, j] == (labels[i] == labels[j // K])
+
+
+def test_titles_name_the_classes_the_data_records(checkpoints, three_data, images_file, tmp_path) -> None:
+    argv = visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file, "--global_ckpt", "")
+    assert visualize.Gallery(visualize.parse_args(argv)).named(0) == ""  # no summary.json: no names
+    data = tmp_path / three_data["name"]
+    shutil.copytree(os.path.join(three_data["fine"], three_data["name"]), data)
+    names = ["ant", "bee", "cat", "dog"]
+    (data / "summary.json").write_text(json.dumps({"label_mapping": {n: i for i, n in enumerate(names)}}))
+    gallery = visualize.Gallery(visualize.parse_args(argv + ["--local_data_path", str(tmp_path)]))
+    labels = np.load(data / "test_labels.npy")
+    assert [gallery.named(i) for i in range(TEST_IMAGES)] == [f" ({names[label]})" for label in labels]
 
 
 def test_missing_images_file_is_one_clear_line(checkpoints, three_data, tmp_path, capsys) -> None:
