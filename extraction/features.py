@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.cluster import MiniBatchKMeans
 from torch import nn
 
 GRID = 3
@@ -124,6 +123,8 @@ def fit_codebook(descriptors: np.ndarray, size: int, seed: int) -> np.ndarray:
     if len(descriptors) < size:
         raise ValueError(f"only {len(descriptors)} SIFT descriptors were sampled for a {size}-word codebook: "
                          "lower --codebook_size or --sift_step, or raise --codebook_samples")
+    from sklearn.cluster import MiniBatchKMeans  # here, not at the top: search.py's image queries skip its slow import
+
     kmeans = MiniBatchKMeans(n_clusters=size, random_state=seed, n_init=1, batch_size=4096)
     return kmeans.fit(descriptors).cluster_centers_.astype(np.float32)
 
