@@ -163,6 +163,8 @@ def test_outside_image_gets_the_features_of_its_row(extracted, tmp_path):
         fine = np.load(os.path.join(extracted["fine"], NAME, "test_cnns.npy"))[row]
         assert views.shape == (10, 4096) and fine.shape == (9, 4096) and coarse.std() > 0
         assert np.abs(views[0] - coarse).max() < 1e-5 and np.abs(views[1:] - fine).max() < 1e-5
+        other = np.load(os.path.join(extracted["coarse"], NAME, "test_cnns.npy"))[row + 1]
+        assert np.abs(views[0] - other).max() > 1e-3  # the tolerance tells images apart
 
 
 def test_outside_image_ranks_the_captions_as_its_row(extracted, tmp_path, capsys):
@@ -176,6 +178,12 @@ def test_outside_image_ranks_the_captions_as_its_row(extracted, tmp_path, capsys
     for got, want in zip(by_file["results"], by_row["results"]):
         for name in ("global", "local", "score"):
             assert got[name] == pytest.approx(want[name], abs=1e-5)
+    alone = ["--global_ckpt", extracted["ckpt"]["global"], "--data_path", extracted["coarse"], "--embeddings",
+             str(tmp_path / "emb_global"), "--top", "18", "--json"]
+    global_by_file, global_by_row = (run(capsys, *alone, *query)[0]["results"]
+                                     for query in (("--image", photo), ("--image_row", "4")))
+    assert [r["row"] for r in global_by_file] == [r["row"] for r in global_by_row]
+    assert np.allclose([r["score"] for r in global_by_file], [r["score"] for r in global_by_row], atol=1e-5)
     listed, _ = run(capsys, *args, "--image", extracted["listed"][4])  # an image of the split: its row
     assert listed["query"]["image_row"] == 4 and listed["results"] == by_row["results"]
 
