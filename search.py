@@ -23,6 +23,8 @@ from data import split_file
 from errors import InputError, report_errors
 from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
+from loss import relevance as relevance_of
+from metrics import protocol_labels
 from options import resolve_device
 from vocab import read_captions
 
@@ -194,10 +196,23 @@ def run_search(args: argparse.Namespace) -> dict:
     labels = embeddings["caption_labels" if target == "captions" else "image_labels"]
     results = [{"rank": number, **item, **{name: float(s[position[item["row"]]]) for name, s in scores.items()}}
                for number, item in enumerate(describe(global_net, split, target, ranked_rows, labels), 1)]
+    if "image_row" in query:  # an image of the split: its relevant captions are known
+        mark_relevant(results, query["image_row"], embeddings, args.relevance)
     shown = {"text": args.text} if args.text is not None else \
         {"image_row": query["image_row"], **({"image": args.image} if args.image else {})}
-    return {"query": shown, "split": split, "target": target, "index": args.index,
+    return {"query": shown, "split": split, "target": target, "index": args.index, "relevance": args.relevance,
             "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results}
+
+
+def mark_relevant(results: list[dict], image_row: int, embeddings: dict, relevance: str) -> None:
+    """Each caption result's relevance to the query image under the protocol (metrics.protocol_labels)."""
+    image_keys, caption_keys = protocol_labels(relevance, embeddings["image_labels"].numpy(),
+                                               embeddings["caption_labels"].numpy())
+    query_key = torch.from_numpy(image_keys[image_row:image_row + 1])
+    rows = [r["row"] for r in results]
+    flags = relevance_of(query_key, torch.from_numpy(caption_keys[rows]))[0].tolist()
+    for result, flag in zip(results, flags):
+        result["relevant"] = flag
 
 
 def format_results(found: dict) -> str:
@@ -209,7 +224,9 @@ def format_results(found: dict) -> str:
     for r in found["results"]:
         parts = f" (global {r['global']:.4f}, local {r['local']:.4f})" if "local" in r else ""
         what = r.get("caption") or r.get("image") or ""
-        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  label {r['label']}  {what}".rstrip())
+        mark = {True: "  relevant", False: "  not relevant"}.get(r.get("relevant"), "")
+        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  label {r['label']}{mark}  "
+                     f"{what}".rstrip())
     return "\n".join(lines)
 
 
