@@ -18,7 +18,7 @@ from files import atomic_write, atomic_write_bytes, check_output_file, check_wri
 from gallery import evaluate_shortlist
 from metrics import KS, RELEVANCE, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from models import load_trained
-from options import resolve_device
+from options import resolve_device, saved_option
 from scoring import similarity_matrix
 from vocab import read_captions
 
@@ -212,9 +212,8 @@ def format_instance_table(results: dict[str, dict]) -> str:
 
 def protocol_notes(nets: list[Subnetwork], split: str, relevance: str) -> dict:
     """A notice when a checkpoint was trained for the other protocol; under instance, the duplicate captions."""
-    # checkpoints older than the flag were trained for the label protocol
-    other = [f"{net.kind} --relevance {net.opt.get('relevance', 'label')}" for net in nets
-             if net.opt.get("relevance", "label") != relevance]
+    other = [f"{net.kind} --relevance {saved_option(net.opt, 'relevance')}" for net in nets
+             if saved_option(net.opt, "relevance") != relevance]
     if other:
         print(f"warning: evaluated with --relevance {relevance}, trained with {', '.join(other)}")
     if relevance != "instance":

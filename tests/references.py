@@ -196,6 +196,29 @@ def msb_loss_reference(sims: torch.Tensor, labels, g1: float = 1.0, g2: float = 
     return total / sims.shape[0]
 
 
+def triplet_loss_reference(sims: torch.Tensor, labels, margin: float = 0.2) -> torch.Tensor:
+    """VSE++ max-violation loss looped over anchors, both directions.
+
+    Row anchor i: the mean over its positives j of max(0, margin - s[i, j] + max over negatives n of s[i, n]);
+    column anchor j: the same over column j. The loss is the sum of all row and column anchor terms; an
+    anchor without a positive or without a negative adds nothing.
+    """
+    lab = _label_rows(labels)
+    n = sims.shape[0]
+    total = sims.sum() * 0.0
+    for a in range(n):
+        for line in ([sims[a, j] for j in range(n)], [sims[j, a] for j in range(n)]):
+            positive = [is_relevant(lab[a], lab[j]) for j in range(n)]
+            pos = [j for j in range(n) if positive[j]]
+            neg = [j for j in range(n) if not positive[j]]
+            if not pos or not neg:
+                continue
+            hardest = torch.stack([line[j] for j in neg]).max()
+            hinges = [torch.clamp(margin - line[j] + hardest, min=0.0) for j in pos]
+            total = total + sum(hinges) / len(pos)
+    return total
+
+
 # ----------------------------------------------------------------------------------------------
 # Retrieval metrics (SPEC 7)
 # ----------------------------------------------------------------------------------------------
@@ -337,4 +360,5 @@ __all__ = [
     "inner_product_matrix", "global_similarity_reference", "msb_anchor_terms", "msb_loss_reference",
     "ranked_relevance", "average_precision_reference", "ranking_metrics_reference", "map_reference",
     "precision_recall_reference", "is_relevant", "instance_metrics_reference",
+    "triplet_loss_reference",
 ]
