@@ -183,30 +183,31 @@ def score_rows(nets: list[Subnetwork], split: str, weight: float | None) -> dict
     return rows
 
 
+def _recalls(direction: str) -> list[tuple[str, int, tuple[str, str]]]:
+    """Table columns R@1, R@5, R@10 of one direction."""
+    return [(f"{direction} R@1", 7, (direction, "R@1")), ("R@5", 6, (direction, "R@5")),
+            ("R@10", 6, (direction, "R@10"))]
+
+
+# printed table of each protocol: groups of (title, width, (direction, metric)); the instance table puts the
+# field's columns first: R@1/5/10 both ways and mR
+TABLE_COLUMNS = {
+    "label": [[("i2t mAP", 8, ("i2t", "mAP")), ("t2i mAP", 8, ("t2i", "mAP")), ("mean", 7, ("mean_mAP", ""))],
+              _recalls("i2t"), _recalls("t2i")],
+    "instance": [_recalls("i2t"), _recalls("t2i"), [("mR", 6, ("mR", ""))],
+                 [("i2t mAP", 8, ("i2t", "mAP")), ("t2i mAP", 8, ("t2i", "mAP"))]],
+}
+
+
 def format_table(results: dict[str, dict], relevance: str = "label") -> str:
-    if relevance == "instance":
-        return format_instance_table(results)
-    head = (f"{'':8s} {'i2t mAP':>8s} {'t2i mAP':>8s} {'mean':>7s} | {'i2t R@1':>7s} {'R@5':>6s} {'R@10':>6s}"
-            f" | {'t2i R@1':>7s} {'R@5':>6s} {'R@10':>6s}")
+    """One line per row (global, local, fused) with the columns of the protocol."""
+    groups = TABLE_COLUMNS[relevance]
+    head = f"{'':8s} " + " | ".join(" ".join(f"{title:>{width}s}" for title, width, _ in g) for g in groups)
     lines = [head, "-" * len(head)]
     for name, m in results.items():
-        i2t, t2i = m["i2t"], m["t2i"]
-        lines.append(f"{name:8s} {i2t['mAP']:8.2f} {t2i['mAP']:8.2f} {m['mean_mAP']:7.2f} | "
-                     f"{i2t['R@1']:7.2f} {i2t['R@5']:6.2f} {i2t['R@10']:6.2f} | "
-                     f"{t2i['R@1']:7.2f} {t2i['R@5']:6.2f} {t2i['R@10']:6.2f}")
-    return "\n".join(lines)
-
-
-def format_instance_table(results: dict[str, dict]) -> str:
-    """The instance-level table: R@1/5/10 both ways and mR first (the field's columns), then mAP."""
-    head = (f"{'':8s} {'i2t R@1':>7s} {'R@5':>6s} {'R@10':>6s} | {'t2i R@1':>7s} {'R@5':>6s} {'R@10':>6s} | "
-            f"{'mR':>6s} | {'i2t mAP':>8s} {'t2i mAP':>8s}")
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        i2t, t2i = m["i2t"], m["t2i"]
-        lines.append(f"{name:8s} {i2t['R@1']:7.2f} {i2t['R@5']:6.2f} {i2t['R@10']:6.2f} | "
-                     f"{t2i['R@1']:7.2f} {t2i['R@5']:6.2f} {t2i['R@10']:6.2f} | {m['mR']:6.2f} | "
-                     f"{i2t['mAP']:8.2f} {t2i['mAP']:8.2f}")
+        cells = [" ".join(f"{m[key][metric] if metric else m[key]:{width}.2f}" for _, width, (key, metric) in g)
+                 for g in groups]
+        lines.append(f"{name:8s} " + " | ".join(cells))
     return "\n".join(lines)
 
 

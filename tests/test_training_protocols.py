@@ -17,18 +17,10 @@ from loss import msb_loss, triplet_loss
 from options import parse_options
 from tests.conftest import make_dataset, train_argv
 from tests.references import msb_loss_reference, triplet_loss_reference
+from tests.test_reproduce import one_thread  # noqa: F401  (autouse: one torch thread on the shared CPU)
 
 TOL = 1e-6
 K = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_sims(batch: int, seed: int, labels: torch.Tensor, separation: float = 0.2) -> torch.Tensor:
