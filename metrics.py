@@ -100,10 +100,43 @@ def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: n
     """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix under
     a relevance protocol (see protocol_labels), with its rsum (see add_rsum)."""
     sims = np.asarray(sims)
-    image_labels, text_labels = protocol_labels(relevance, image_labels, text_labels)
-    result = {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
-              "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
+    if relevance == "instance":
+        images, captions = instance_labels(*sims.shape)
+        k = sims.shape[1] // sims.shape[0]
+        result = {"i2t": own_items_metrics(sims, images[:, None] * k + np.arange(k)[None], chunk=chunk),
+                  "t2i": own_items_metrics(sims.T, captions[:, None], chunk=chunk)}
+    else:
+        result = {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
+                  "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
     return add_rsum(result, relevance)
+
+
+def own_items_sums(sims: torch.Tensor, own: torch.Tensor, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """ranked_sums of queries whose relevant items are the listed gallery columns `own` (Q, r), without
+    sorting the gallery: an item's 0-based rank is the count of higher scores plus equal scores at lower
+    gallery indices (ties in gallery order), one (Q, G) comparison per relevant item."""
+    columns = torch.arange(sims.size(1))[None]
+    own_scores = sims.gather(1, own)
+    ranks = torch.stack([(sims > own_scores[:, [t]]).sum(1)
+                         + ((sims == own_scores[:, [t]]) & (columns < own[:, [t]])).sum(1)
+                         for t in range(own.size(1))], dim=1).sort(dim=1).values
+    hits_so_far = torch.arange(1, own.size(1) + 1, dtype=torch.float64)[None]
+    out = {"ap": (hits_so_far / (ranks + 1).double()).mean(dim=1).numpy(),
+           "n_rel": np.full(own.size(0), own.size(1))}
+    for k in ks:
+        in_top = (ranks < k).sum(dim=1)
+        out[f"hit@{k}"] = (in_top > 0).numpy()
+        out[f"prec@{k}"] = (in_top.double() / k).numpy()
+    return out
+
+
+def own_items_metrics(sims: np.ndarray, own: np.ndarray, ks: tuple[int, ...] = KS,
+                      chunk: int = 1000) -> dict[str, float]:
+    """ranking_metrics when each query's relevant items are known gallery columns (the instance protocol:
+    an image's k captions, a caption's image); the same numbers, cheaper than sorting every gallery."""
+    sims, own = torch.from_numpy(np.asarray(sims, dtype=np.float64)), torch.from_numpy(own)
+    return summarize_queries([own_items_sums(sims[i:i + chunk], own[i:i + chunk], ks)
+                              for i in range(0, sims.size(0), chunk)])
 
 
 def duplicate_captions(captions: list[str], captions_per_image: int) -> dict[str, int]:

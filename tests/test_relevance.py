@@ -14,7 +14,7 @@ from PIL import Image
 import evaluate
 import search
 import visualize
-from metrics import duplicate_captions, retrieval_metrics
+from metrics import duplicate_captions, instance_labels, ranking_metrics, retrieval_metrics
 from tests.conftest import make_dataset, save_untrained
 from tests.references import instance_metrics_reference
 
@@ -53,6 +53,18 @@ def test_instance_metrics_match_the_looped_reference(n_images, k, integer, seed)
     assert 0 < got["mR"] < 100
     label = retrieval_metrics(sims, labels, np.repeat(labels, k))
     assert abs(label["i2t"]["mAP"] - got["i2t"]["mAP"]) > 1e-6 and "mR" not in label  # really another protocol
+
+
+@pytest.mark.parametrize("k,integer", [(1, True), (K, True), (3, False)])
+def test_instance_fast_path_equals_ranking_with_image_ids_as_labels(k, integer):
+    """own_items_metrics counts ranks without sorting; every number (P@K and the counts included) equals the
+    sorted label machinery given image ids as labels."""
+    rng = np.random.default_rng(k)
+    sims = rng.integers(-1, 2, (11, 11 * k)).astype(np.float64) if integer else rng.standard_normal((11, 11 * k))
+    images, captions = instance_labels(11, 11 * k)
+    got = retrieval_metrics(sims, images, captions, chunk=4, relevance="instance")
+    assert got["i2t"] == pytest.approx(ranking_metrics(sims, images, captions), abs=TOL)
+    assert got["t2i"] == pytest.approx(ranking_metrics(sims.T, captions, images), abs=TOL)
 
 
 def test_a_twin_of_another_image_is_not_relevant():
