@@ -149,6 +149,11 @@ class PrecompDataset(Dataset):
         self.captions_per_image = _captions_per_image(folder, split, self)
         self.caption_labels = self.labels.repeat_interleave(self.captions_per_image, dim=0)
 
+    def label_by_image(self) -> None:
+        """Make each image its own label: an item's positives become the captions of its own image."""
+        self.labels = torch.arange(self.num_images)
+        self.caption_labels = self.labels.repeat_interleave(self.captions_per_image, dim=0)
+
     def __len__(self) -> int:
         return len(self.captions)
 

@@ -163,6 +163,15 @@ def lost_peer_message(ctx: Context, err: BaseException, checkpoint: str) -> str:
             f"({reason}); this process stops too. Resume with the same command plus --resume {checkpoint}")
 
 
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """Whether the flag is set on any rank (the same answer on every rank; the flag itself in one process)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 class StopRequests:
     """SIGINT / SIGTERM noted instead of raised, so that all ranks stop together at the same step."""
 

@@ -12,14 +12,15 @@ import os
 import numpy as np
 import torch
 
-from data import PrecompDataset, has_split
+from data import PrecompDataset, has_split, split_file
 from errors import InputError, check_number, report_errors
 from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
 from gallery import evaluate_shortlist
-from metrics import KS, precision_recall_curve, retrieval_metrics
+from metrics import KS, RELEVANCE, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from models import load_trained
-from options import resolve_device
+from options import resolve_device, saved_option
 from scoring import similarity_matrix
+from vocab import read_captions
 
 FUSION_GRID = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 
@@ -38,12 +39,16 @@ def add_subnetwork_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
     p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--relevance", choices=RELEVANCE, default="label",
+                   help="label: relevant = shared label (the paper's); instance: caption j is relevant only "
+                        "to image j // k (the field's R@K protocol)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate M2HSE checkpoints and fuse global and local scores.")
     add_subnetwork_arguments(p, "evaluate")
-    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
+    p.add_argument("--tune_fusion", action="store_true",
+                   help="pick w on dev by the protocol's rsum (label: i2t + t2i mAP; instance: sum of R@K)")
     p.add_argument("--output", default="", help="JSON of the table (default: next to the first checkpoint)")
     p.add_argument("--save_sims", default="", help="folder for the similarity matrices (.npy)")
     p.add_argument("--plot", default="", help="PNG of precision-recall curves")
@@ -156,11 +161,12 @@ def check_same_items(nets: list[Subnetwork], split: str) -> None:
                          "needs image i and caption j to be the same in both")
 
 
-def tune_weight(nets: list[Subnetwork]) -> float:
-    """Fusion weight with the best i2t + t2i mAP on dev (first best on ties)."""
+def tune_weight(nets: list[Subnetwork], relevance: str = "label") -> float:
+    """Fusion weight with the best dev rsum of the protocol (first best on ties)."""
     labels = split_labels(nets, "dev")
     g, l = nets[0].sims("dev"), nets[1].sims("dev")
-    scores = [retrieval_metrics(w * g + (1 - w) * l, *labels)["rsum"] for w in FUSION_GRID]
+    scores = [retrieval_metrics(w * g + (1 - w) * l, *labels, relevance=relevance)["rsum"]
+              for w in FUSION_GRID]
     return float(FUSION_GRID[int(np.argmax(scores))])
 
 
@@ -177,16 +183,48 @@ def score_rows(nets: list[Subnetwork], split: str, weight: float | None) -> dict
     return rows
 
 
-def format_table(results: dict[str, dict]) -> str:
-    head = (f"{'':8s} {'i2t mAP':>8s} {'t2i mAP':>8s} {'mean':>7s} | {'i2t R@1':>7s} {'R@5':>6s} {'R@10':>6s}"
-            f" | {'t2i R@1':>7s} {'R@5':>6s} {'R@10':>6s}")
+def _recalls(direction: str) -> list[tuple[str, int, tuple[str, str]]]:
+    """Table columns R@1, R@5, R@10 of one direction."""
+    return [(f"{direction} R@1", 7, (direction, "R@1")), ("R@5", 6, (direction, "R@5")),
+            ("R@10", 6, (direction, "R@10"))]
+
+
+# printed table of each protocol: groups of (title, width, (direction, metric)); the instance table puts the
+# field's columns first: R@1/5/10 both ways and mR
+TABLE_COLUMNS = {
+    "label": [[("i2t mAP", 8, ("i2t", "mAP")), ("t2i mAP", 8, ("t2i", "mAP")), ("mean", 7, ("mean_mAP", ""))],
+              _recalls("i2t"), _recalls("t2i")],
+    "instance": [_recalls("i2t"), _recalls("t2i"), [("mR", 6, ("mR", ""))],
+                 [("i2t mAP", 8, ("i2t", "mAP")), ("t2i mAP", 8, ("t2i", "mAP"))]],
+}
+
+
+def format_table(results: dict[str, dict], relevance: str = "label") -> str:
+    """One line per row (global, local, fused) with the columns of the protocol."""
+    groups = TABLE_COLUMNS[relevance]
+    head = f"{'':8s} " + " | ".join(" ".join(f"{title:>{width}s}" for title, width, _ in g) for g in groups)
     lines = [head, "-" * len(head)]
     for name, m in results.items():
-        i2t, t2i = m["i2t"], m["t2i"]
-        lines.append(f"{name:8s} {i2t['mAP']:8.2f} {t2i['mAP']:8.2f} {m['mean_mAP']:7.2f} | "
-                     f"{i2t['R@1']:7.2f} {i2t['R@5']:6.2f} {i2t['R@10']:6.2f} | "
-                     f"{t2i['R@1']:7.2f} {t2i['R@5']:6.2f} {t2i['R@10']:6.2f}")
+        cells = [" ".join(f"{m[key][metric] if metric else m[key]:{width}.2f}" for _, width, (key, metric) in g)
+                 for g in groups]
+        lines.append(f"{name:8s} " + " | ".join(cells))
     return "\n".join(lines)
+
+
+def protocol_notes(nets: list[Subnetwork], split: str, relevance: str) -> dict:
+    """A notice when a checkpoint was trained for the other protocol; under instance, the duplicate captions."""
+    other = [f"{net.kind} --relevance {saved_option(net.opt, 'relevance')}" for net in nets
+             if saved_option(net.opt, "relevance") != relevance]
+    if other:
+        print(f"warning: evaluated with --relevance {relevance}, trained with {', '.join(other)}")
+    if relevance != "instance":
+        return {}
+    dataset = nets[0].dataset(split)
+    twins = duplicate_captions(read_captions(split_file(dataset.folder, split, "caps")), dataset.captions_per_image)
+    print(f"instance protocol: caption j is relevant only to image j // {dataset.captions_per_image}; "
+          f"{twins['captions_with_a_twin_of_another_image']} of {len(dataset)} captions have an identical twin "
+          f"describing another image ({twins['distinct_strings']} distinct strings), kept as separate items")
+    return {"duplicate_captions": twins}
 
 
 def plot_curves(rows: dict[str, np.ndarray], labels: tuple[np.ndarray, np.ndarray], path: str) -> None:
@@ -232,14 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
     weight = None
     if len(nets) == 2:
         check_same_items(nets, split)
-        weight = tune_weight(nets) if args.tune_fusion else args.fusion_weight
+        weight = tune_weight(nets, args.relevance) if args.tune_fusion else args.fusion_weight
+    notes = protocol_notes(nets, split, args.relevance)
     labels = split_labels(nets, split)
     if args.shortlist:
         rows, results = {}, evaluate_shortlist(nets, split, weight, args.shortlist, args.batch_size,
-                                               args.save_embeddings, args.map_all)
+                                               args.save_embeddings, args.map_all, args.relevance)
     else:
         rows = score_rows(nets, split, weight)
-        results = {name: retrieval_metrics(sims, *labels) for name, sims in rows.items()}
+        results = {name: retrieval_metrics(sims, *labels, relevance=args.relevance)
+                   for name, sims in rows.items()}
     for name in results:
         results[name]["mean_mAP"] = results[name]["rsum"] / 2
     dataset = nets[0].dataset(split)
@@ -248,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shortlist:
         print(f"mAP = mAP@{args.shortlist}: AP over each query's top {args.shortlist} (global shortlist, "
               "re-ranked per row), normalised by the relevant items in it")
-    print(format_table(results))
+    print(format_table(results, args.relevance))
     if "mAP@all" in results.get("global", {}):
         full = results["global"]["mAP@all"]
         print(f"global mAP@all over the whole gallery: i2t {full['i2t']['mAP']:.2f}  t2i {full['t2i']['mAP']:.2f}")
@@ -260,9 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     output = args.output or os.path.join(os.path.dirname(nets[0].path) or ".", f"eval_{split}.json")
     summary = {"split": split, "data_name": nets[0].data_name, "images": dataset.num_images,
                "captions_per_image": dataset.captions_per_image, "fusion_weight": weight,
-               "metric": f"mAP@{args.shortlist}" if args.shortlist else "mAP@all",
+               "metric": f"mAP@{args.shortlist}" if args.shortlist else "mAP@all", "relevance": args.relevance,
+               **notes,
                "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
-    write_outputs(args, rows, summary, split, labels, output)
+    write_outputs(args, rows, summary, split, protocol_labels(args.relevance, *labels), output)
     return summary
 
 

@@ -25,7 +25,7 @@ import torch
 
 from errors import InputError
 from loss import relevance
-from metrics import KS, chunk_sums, ranked_sums, summarize_queries
+from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, summarize_queries
 from scoring import encode_split
 
 # Elements of one block of scores or relevance: 128 MB in float32.
@@ -126,9 +126,9 @@ def shortlist_metrics(rows: dict[str, torch.Tensor], shortlist: Shortlist, query
 
 def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: torch.Tensor,
                       text_labels: torch.Tensor, k: int, scorer: ShortlistScorer | None = None,
-                      weight: float | None = None) -> dict[str, dict]:
+                      weight: float | None = None, relevance: str = "label") -> dict[str, dict]:
     """i2t / t2i mAP@K, R@K, P@K of the global row, and of the local and fused rows when a local
-    scorer is given; same layout as metrics.retrieval_metrics."""
+    scorer is given; same layout as metrics.retrieval_metrics (labels already those of the protocol)."""
     i2t, t2i = global_shortlists(images, texts, k)
     results: dict[str, dict] = {}
     for direction, shortlist, query_labels, gallery_labels in (("i2t", i2t, image_labels, text_labels),
@@ -141,7 +141,7 @@ def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: t
         for name, metrics in shortlist_metrics(rows, shortlist, query_labels, gallery_labels).items():
             results.setdefault(name, {})[direction] = metrics
     for metrics in results.values():
-        metrics["rsum"] = metrics["i2t"]["mAP"] + metrics["t2i"]["mAP"]
+        add_rsum(metrics, relevance)
     return results
 
 
@@ -237,8 +237,10 @@ def local_scorer(net, split: str, batch_size: int) -> ShortlistScorer:
 
 
 def evaluate_shortlist(nets: list, split: str, weight: float | None, k: int, batch_size: int,
-                       embeddings_folder: str = "", map_all: bool = False) -> dict[str, dict]:
-    """Rows of evaluate.py's table for --shortlist K (nets: evaluate.Subnetwork, the global one first)."""
+                       embeddings_folder: str = "", map_all: bool = False, relevance: str = "label"
+                       ) -> dict[str, dict]:
+    """Rows of evaluate.py's table for --shortlist K (nets: evaluate.Subnetwork, the global one first)
+    under a relevance protocol (metrics.protocol_labels: the same relevance blocks either way)."""
     global_net = nets[0]
     embeddings = load_or_encode_global(global_net, split, batch_size or global_net.opt["batch_size"],
                                        embeddings_folder)
@@ -246,9 +248,9 @@ def evaluate_shortlist(nets: list, split: str, weight: float | None, k: int, bat
     scorer = None
     if len(nets) == 2:
         scorer = local_scorer(nets[1], split, batch_size or nets[1].opt["batch_size"])
-    results = shortlist_results(images, texts, embeddings["image_labels"], embeddings["caption_labels"], k,
-                                scorer, weight)
+    image_labels, caption_labels = (torch.from_numpy(labels) for labels in protocol_labels(
+        relevance, embeddings["image_labels"].numpy(), embeddings["caption_labels"].numpy()))
+    results = shortlist_results(images, texts, image_labels, caption_labels, k, scorer, weight, relevance)
     if map_all:
-        results["global"]["mAP@all"] = global_map_all(images, texts, embeddings["image_labels"],
-                                                       embeddings["caption_labels"])
+        results["global"]["mAP@all"] = global_map_all(images, texts, image_labels, caption_labels)
     return results

@@ -39,3 +39,21 @@ def msb_loss(sims: torch.Tensor, labels: torch.Tensor, gamma_1: float = 1.0, gam
         neg_term = _masked_logsumexp(gamma_1 * s - gamma_2, keep_neg | full)
         total = total + torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0).sum()
     return total / sims.size(0)
+
+
+def triplet_loss(sims: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """VSE++ loss (max violation) of a square similarity matrix, positives = relevant pairs.
+
+    Every positive pair (i, j) pays [margin - s_ij + hardest negative of row i]_+ and
+    [margin - s_ij + hardest negative of column j]_+; each row and each column averages its positive pairs
+    (one positive: the VSE++ term itself), and the rows and columns are summed, as in VSE++. A row or
+    column without a negative adds nothing. With one positive per row (the diagonal) this is VSE++ exactly.
+    """
+    pos = relevance(labels, labels).to(sims.device)
+    total = sims.new_zeros(())
+    for s, p in ((sims, pos), (sims.T, pos.T)):
+        hardest_neg = s.masked_fill(p, float("-inf")).max(dim=1, keepdim=True).values
+        hinge = (margin - s + hardest_neg).clamp_min(0).masked_fill(~p, 0.0)
+        total = total + (hinge.sum(dim=1) / p.sum(dim=1).clamp_min(1)).sum()  # an unlabelled item: none
+    return total
+

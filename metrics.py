@@ -7,6 +7,7 @@ import torch
 from loss import relevance  # the one definition of "relevant": a shared label
 
 KS = (1, 5, 10)
+RELEVANCE = ("label", "instance")  # evaluation protocols, docs/METHOD.md section 7
 
 
 def _ranked_relevance(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> torch.Tensor:
@@ -67,15 +68,85 @@ def ranking_metrics(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: 
                               for i in range(0, sims.shape[0], chunk)])
 
 
-def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,
-                      chunk: int = 1000) -> dict[str, dict[str, float]]:
-    """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix,
-    with rsum = i2t mAP + t2i mAP (the model-selection and fusion-tuning score)."""
-    sims = np.asarray(sims)
-    result = {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
-              "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
-    result["rsum"] = result["i2t"]["mAP"] + result["t2i"]["mAP"]
+def instance_labels(n_images: int, n_captions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids of the rows and of the captions (caption j describes image j // k): as labels they make a
+    caption relevant only to its own image, the instance-level protocol."""
+    if n_images < 1 or n_captions % n_images:
+        raise ValueError(f"{n_captions} captions are not k per image for {n_images} images")
+    return np.arange(n_images), np.arange(n_captions) // (n_captions // n_images)
+
+
+def protocol_labels(relevance: str, image_labels: np.ndarray, caption_labels: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The labels that decide relevance under a protocol: the items' own (label) or their image ids (instance)."""
+    if relevance == "instance":
+        return instance_labels(len(image_labels), len(caption_labels))
+    return np.asarray(image_labels), np.asarray(caption_labels)
+
+
+def add_rsum(result: dict, relevance: str = "label") -> dict:
+    """The model-selection and fusion-tuning score of a protocol: label, rsum = i2t mAP + t2i mAP;
+    instance, rsum = the sum of i2t and t2i R@1/5/10 (the field's rsum) and mR = rsum / 6."""
+    if relevance == "instance":
+        result["rsum"] = sum(result[d][f"R@{k}"] for d in ("i2t", "t2i") for k in KS)
+        result["mR"] = result["rsum"] / (2 * len(KS))
+    else:
+        result["rsum"] = result["i2t"]["mAP"] + result["t2i"]["mAP"]
     return result
+
+
+def retrieval_metrics(sims: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,
+                      chunk: int = 1000, relevance: str = "label") -> dict[str, dict[str, float]]:
+    """i2t (image queries over captions) and t2i metrics of an (images x captions) similarity matrix under
+    a relevance protocol (see protocol_labels), with its rsum (see add_rsum)."""
+    sims = np.asarray(sims)
+    if relevance == "instance":
+        images, captions = instance_labels(*sims.shape)
+        k = sims.shape[1] // sims.shape[0]
+        result = {"i2t": own_items_metrics(sims, images[:, None] * k + np.arange(k)[None], chunk=chunk),
+                  "t2i": own_items_metrics(sims.T, captions[:, None], chunk=chunk)}
+    else:
+        result = {"i2t": ranking_metrics(sims, image_labels, text_labels, chunk=chunk),
+                  "t2i": ranking_metrics(sims.T, text_labels, image_labels, chunk=chunk)}
+    return add_rsum(result, relevance)
+
+
+def own_items_sums(sims: torch.Tensor, own: torch.Tensor, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """ranked_sums of queries whose relevant items are the listed gallery columns `own` (Q, r), without
+    sorting the gallery: an item's 0-based rank is the count of higher scores plus equal scores at lower
+    gallery indices (ties in gallery order), one (Q, G) comparison per relevant item."""
+    columns = torch.arange(sims.size(1))[None]
+    own_scores = sims.gather(1, own)
+    ranks = torch.stack([(sims > own_scores[:, [t]]).sum(1)
+                         + ((sims == own_scores[:, [t]]) & (columns < own[:, [t]])).sum(1)
+                         for t in range(own.size(1))], dim=1).sort(dim=1).values
+    hits_so_far = torch.arange(1, own.size(1) + 1, dtype=torch.float64)[None]
+    out = {"ap": (hits_so_far / (ranks + 1).double()).mean(dim=1).numpy(),
+           "n_rel": np.full(own.size(0), own.size(1))}
+    for k in ks:
+        in_top = (ranks < k).sum(dim=1)
+        out[f"hit@{k}"] = (in_top > 0).numpy()
+        out[f"prec@{k}"] = (in_top.double() / k).numpy()
+    return out
+
+
+def own_items_metrics(sims: np.ndarray, own: np.ndarray, ks: tuple[int, ...] = KS,
+                      chunk: int = 1000) -> dict[str, float]:
+    """ranking_metrics when each query's relevant items are known gallery columns (the instance protocol:
+    an image's k captions, a caption's image); the same numbers, cheaper than sorting every gallery."""
+    sims, own = torch.from_numpy(np.asarray(sims, dtype=np.float64)), torch.from_numpy(own)
+    return summarize_queries([own_items_sums(sims[i:i + chunk], own[i:i + chunk], ks)
+                              for i in range(0, sims.size(0), chunk)])
+
+
+def duplicate_captions(captions: list[str], captions_per_image: int) -> dict[str, int]:
+    """Captions whose identical string (whitespace-trimmed) also describes another image, and the distinct
+    strings: under the instance protocol such a twin counts as not relevant; nothing is dropped or merged."""
+    images_of: dict[str, set[int]] = {}
+    for j, caption in enumerate(captions):
+        images_of.setdefault(caption.strip(), set()).add(j // captions_per_image)
+    return {"captions_with_a_twin_of_another_image": sum(len(images_of[c.strip()]) > 1 for c in captions),
+            "distinct_strings": len(images_of)}
 
 
 def precision_recall_curve(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,

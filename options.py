@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from errors import InputError, check_number
+from metrics import RELEVANCE
 
 SUBNETWORK_DEFAULTS = {
     "global": dict(data_path="./data/coarse-grained-data", run_dir="./checkpoint/M2HSE/Global/Corel5K",
@@ -42,6 +43,12 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     model.add_argument("--lambda_softmax", type=float, default=9.0, help="attention temperature (local)")
 
     loss = p.add_argument_group("loss")
+    loss.add_argument("--loss", choices=("msb", "triplet"), default="msb",
+                      help="msb: multi-spring balance (the paper's); triplet: VSE++ hinge on the hardest negative")
+    loss.add_argument("--margin", type=float, default=0.2, help="triplet margin")
+    loss.add_argument("--relevance", choices=RELEVANCE, default="label",
+                      help="positives and dev selection: label (shared label, the paper's) or instance (the "
+                           "captions of the same image; selection by the sum of R@1/5/10)")
     loss.add_argument("--gamma_1", type=float, default=1.0, help="MSB scale")
     loss.add_argument("--gamma_2", type=float, default=0.5, help="MSB margin")
     loss.add_argument("--Delta", type=float, default=0.1, help="MSB mining margin")
@@ -49,7 +56,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         loss.add_argument(f"--{name}", type=float, default=value, help="weight of an auxiliary MSB term")
 
     train = p.add_argument_group("training")
-    train.add_argument("--num_epochs", type=int, default=100)
+    train.add_argument("--num_epochs", type=int, default=100, help="epochs (the most, with --early_stop)")
+    train.add_argument("--early_stop", type=int, default=0, metavar="P",
+                       help="stop when the dev rsum has not improved for P epochs (0: off)")
     train.add_argument("--batch_size", "--batchsize", type=int, default=100)
     train.add_argument("--learning_rate", type=float, default=2e-4)
     train.add_argument("--lr_update", "--lr_updata", type=int, default=50, help="epochs between lr / 10")
@@ -81,13 +90,21 @@ def parse_options(kind: str, argv: list[str] | None = None) -> dict:
 
 
 # options that say where and how a run happens, not what it computes: free to change on --resume
-RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
-                    "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout")
+RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "early_stop", "data_path", "vocab_path",
+                    "logger_name", "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout")
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
+# options added after checkpoints were first saved: the value a checkpoint without them was trained with
+ADDED_OPTIONS = {"loss": "msb", "margin": 0.2, "relevance": "label", "early_stop": 0}
+
+
+def saved_option(opt: dict, name: str):
+    """An option of a checkpoint, with the value older checkpoints (saved before the option existed) had."""
+    return opt.get(name, ADDED_OPTIONS.get(name))
 
 
 def changed_options(saved: dict, given: dict) -> dict[str, str]:
     """Options that change the model or the training, differing between a checkpoint and this run."""
+    saved = {**ADDED_OPTIONS, **saved}
     keys = sorted((saved.keys() | given.keys()) - set(RUN_ONLY_OPTIONS))
     return {k: f"--{k} {saved.get(k, '(absent)')} in the checkpoint, {given.get(k, '(absent)')} given"
             for k in keys if saved.get(k) != given.get(k)}
@@ -101,7 +118,7 @@ def check_options(opt: dict, kind: str) -> None:
     for name in ("learning_rate", "gamma_1", "lambda_softmax"):
         check_number(f"--{name}", opt[name], above=0)
     weights = [name for name, _ in SUBNETWORK_DEFAULTS[kind]["weights"]]
-    for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", *weights):
+    for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", "margin", "early_stop", *weights):
         check_number(f"--{name}", opt[name], minimum=0)
     check_number("--gamma_2", opt["gamma_2"])
     check_number("--dist_timeout", opt["dist_timeout"], above=0)

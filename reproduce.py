@@ -1,12 +1,16 @@
-"""One command from prepared features (both granularities) to the results table of M2HSE.
+"""One command from prepared features (both granularities) to the results tables of M2HSE.
 
-  python reproduce.py --data_name rsicd_precomp --epochs 4 --seeds 1,2,3 --embed_size 128 --batch_size 64
+  python reproduce.py --data_name rsicd_precomp --epochs 30 --early_stop 5 --seeds 1,2,3 --embed_size 128
 
-For every seed it trains the global and local subnetworks, and both again without auxiliary terms
-(alpha = beta = 0), keeps each freshly initialised model, and evaluates on test the untrained, trained
-and ablated subnetworks and their fusion (w tuned on dev). It writes results/<data_name>/table.md and
-table.json (mean and standard deviation over seeds). Other flags (--embed_size, --learning_rate, ...)
-go to both training scripts. A rerun skips every finished stage and resumes an interrupted training.
+For every seed it trains the global and local subnetworks with the paper's setting, again without
+auxiliary terms (alpha = beta = 0), with the triplet (VSE++) loss, and for the instance-level protocol with
+the MSB and the triplet loss; it keeps each freshly initialised model and evaluates on test every group of
+rows and their fusion (w tuned on dev). It writes results/<data_name>/table.md and table.json (label-level:
+untrained, trained, no auxiliary terms, triplet) and table_instance.md / .json (the same checkpoints under
+the instance protocol, plus the instance-trained rows, beside published results), mean and standard
+deviation over seeds, and dev_curves.png. --rows picks a subset of the row groups. Other flags
+(--embed_size, --learning_rate, ...) go to both training scripts. A rerun skips every finished stage and
+resumes an interrupted training.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 
 import torch
 
+import dev_curves
 import evaluate
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
@@ -25,29 +30,40 @@ from errors import InputError, report_errors
 from files import atomic_write_bytes, check_writable
 from models import build_model
 from options import changed_options, parse_options
+from published import published_rows
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file
 
 AUX_WEIGHTS = {"global": ("alpha_1", "alpha_2"), "local": ("beta_1", "beta_2")}
-VARIANTS = {"full": "", "noaux": "without auxiliary terms"}
-UNTRAINED = "untrained.pth.tar"
-# evaluation name -> (training variant, checkpoint file) of both subnetworks
-EVALUATIONS = {"untrained": ("full", UNTRAINED), "trained": ("full", trainer.BEST), "noaux": ("noaux", trainer.BEST)}
-# table row -> (evaluation, row of its evaluate.py output, training variant whose dev curve is checked)
-ROWS = {
-    "global, untrained": ("untrained", "global", None),
-    "local, untrained": ("untrained", "local", None),
-    "fused, untrained": ("untrained", "fused", None),
-    "global": ("trained", "global", "full"),
-    "local": ("trained", "local", "full"),
-    "fused (w tuned on dev)": ("trained", "fused", "full"),
-    "global, no auxiliary terms": ("noaux", "global", "noaux"),
-    "local, no auxiliary terms": ("noaux", "local", "noaux"),
-    "fused, no auxiliary terms": ("noaux", "fused", "noaux"),
+# training variant -> (what it is, flags after the pass-through ones; noaux's come from AUX_WEIGHTS)
+VARIANTS = {
+    "full": ("", ()),
+    "noaux": ("without auxiliary terms", ()),
+    "triplet": ("with the triplet loss", ("--loss", "triplet")),
+    "instance": ("instance-trained", ("--relevance", "instance")),
+    "instance_triplet": ("instance-trained, triplet loss", ("--relevance", "instance", "--loss", "triplet")),
 }
-METRICS = (("i2t", "mAP"), ("t2i", "mAP"), ("mean", "mAP"), ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"),
-           ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
+UNTRAINED = "untrained.pth.tar"
+PROTOCOLS = ("label", "instance")
+# row group (--rows) -> (training variant, checkpoint file, protocols it is evaluated under, row-name suffix)
+GROUPS = {
+    "untrained": ("full", UNTRAINED, PROTOCOLS, "untrained"),
+    "trained": ("full", trainer.BEST, PROTOCOLS, ""),
+    "noaux": ("noaux", trainer.BEST, PROTOCOLS, "no auxiliary terms"),
+    "triplet": ("triplet", trainer.BEST, PROTOCOLS, "triplet loss"),
+    "instance": ("instance", trainer.BEST, ("instance",), "instance-trained"),
+    "instance_triplet": ("instance_triplet", trainer.BEST, ("instance",), "instance-trained, triplet loss"),
+}
+SUBNETWORK_ROWS = ("global", "local", "fused")
+# table columns: (direction, metric); "mean" is the mean of i2t and t2i mAP, "mR" the mean of the six R@K
+METRICS = {
+    "label": (("i2t", "mAP"), ("t2i", "mAP"), ("mean", "mAP"), ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"),
+              ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10")),
+    "instance": (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
+                 ("mR", ""), ("i2t", "mAP"), ("t2i", "mAP")),
+}
 # Flags reproduce.py sets itself for every run; they may not be passed through.
-OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume")
+OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume", "--loss",
+             "--relevance")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -58,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--local_data_path", default="./data/fine-grained-data")
     p.add_argument("--data_name", default="corel5k_precomp")
     p.add_argument("--vocab_path", default="./vocab", help="built from train and dev captions when missing")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of every subnetwork")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of every subnetwork (the most, with "
+                   "--early_stop)")
+    p.add_argument("--early_stop", type=int, default=0, metavar="P",
+                   help="stop a training when its dev rsum has not improved for P epochs (0: off)")
+    p.add_argument("--rows", default=",".join(GROUPS),
+                   help=f"comma-separated row groups to run and tabulate, of {', '.join(GROUPS)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     p.add_argument("--cnn_dim", type=int, help="CNN feature width (default: summary.json of the data, else 4096)")
     p.add_argument("--bovw_dim", type=int, help="BoVW feature width (default: summary.json of the data, else 500)")
@@ -72,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if args.early_stop < 0:
+        p.error("--early_stop must be 0 (off) or a number of epochs")
+    args.rows = [group for group in args.rows.split(",") if group]
+    unknown = [group for group in args.rows if group not in GROUPS]
+    if unknown or not args.rows:
+        p.error(f"--rows: unknown group {unknown[0] if unknown else '(none)'}; choose from {', '.join(GROUPS)}")
     own = [flag for flag in passthrough if flag.split("=")[0] in OWN_FLAGS]
     if own:
         p.error(f"{own[0].split('=')[0]} is set by reproduce.py for each run (use --epochs, --seeds, "
@@ -155,7 +182,11 @@ class Reproduction:
         self.dims = feature_dims(args)
         self.results = os.path.join(args.results_dir, args.data_name)
         self.timings = Timings(os.path.join(self.results, "timings.json"))
-        self.stage, self.stages = 0, len(args.seeds) * (len(VARIANTS) * len(AUX_WEIGHTS) + len(EVALUATIONS))
+        trained = {GROUPS[g][0] for g in args.rows if GROUPS[g][1] == trainer.BEST}
+        self.variants = [v for v in VARIANTS if v in trained]
+        self.evaluations = [(protocol, g) for protocol in PROTOCOLS for g in args.rows if protocol in GROUPS[g][2]]
+        self.stage = 0
+        self.stages = len(args.seeds) * (len(self.variants) * len(AUX_WEIGHTS) + len(self.evaluations))
 
     def data_path(self, kind: str) -> str:
         return self.args.global_data_path if kind == "global" else self.args.local_data_path
@@ -167,8 +198,8 @@ class Reproduction:
         folder = self.run_folder(variant, kind, seed)
         argv = ["--data_path", self.data_path(kind), "--data_name", self.args.data_name, "--vocab_path",
                 self.args.vocab_path, "--num_epochs", str(self.args.epochs), "--seed", str(seed), "--device",
-                self.args.device, "--logger_name", folder, "--model_name", folder, *self.dims,
-                *flags_for(kind, self.passthrough)]
+                self.args.device, "--logger_name", folder, "--model_name", folder, "--early_stop",
+                str(self.args.early_stop), *self.dims, *flags_for(kind, self.passthrough), *VARIANTS[variant][1]]
         if variant == "noaux":  # after the pass-through flags, so these win
             argv += [token for name in AUX_WEIGHTS[kind] for token in (f"--{name}", "0")]
         return argv
@@ -178,14 +209,12 @@ class Reproduction:
         print(f"\n== [{self.stage}/{self.stages}] seed {seed}: {what}", flush=True)
 
     def train(self, variant: str, kind: str, seed: int) -> None:
-        """Train one run to --epochs (resuming it if interrupted) unless it is finished."""
-        name = f"{kind} {VARIANTS[variant]}".strip()
+        """Train one run to --epochs or its early stop (resuming it if interrupted) unless it is finished."""
+        name = f"{kind} {VARIANTS[variant][0]}".strip()
         self.announce(seed, f"training {name}, {self.args.epochs} epochs")
         argv = self.train_argv(variant, kind, seed)
         opt = parse_options(kind, argv)
         folder = opt["model_name"]
-        if variant == "full" and not os.path.isfile(os.path.join(folder, UNTRAINED)):
-            save_untrained(kind, opt, os.path.join(folder, UNTRAINED))
         last = os.path.join(folder, trainer.LAST)
         if os.path.isfile(last):
             if finished(last, opt):
@@ -196,12 +225,22 @@ class Reproduction:
         trainer.main(kind, argv)
         self.timings.record(f"seed{seed}/train/{variant}/{kind}", time.time() - start)
 
-    def evaluate(self, name: str, seed: int) -> dict:
-        """evaluate.py on both subnetworks of one evaluation, unless its JSON is newer than the checkpoints."""
-        self.announce(seed, f"evaluating {name} subnetworks and their fusion")
-        variant, filename = EVALUATIONS[name]
+    def untrained(self, seed: int) -> None:
+        """The freshly initialised subnetworks of the full variant, saved once."""
+        for kind in AUX_WEIGHTS:
+            opt = parse_options(kind, self.train_argv("full", kind, seed))
+            path = os.path.join(opt["model_name"], UNTRAINED)
+            if not os.path.isfile(path):
+                save_untrained(kind, opt, path)
+
+    def evaluate(self, protocol: str, name: str, seed: int) -> dict:
+        """evaluate.py on both subnetworks of one row group under a protocol, unless its JSON is newer than
+        the checkpoints (label: seed<s>/<group>.json, instance: seed<s>/instance/<group>.json)."""
+        self.announce(seed, f"evaluating {name} subnetworks and their fusion, {protocol}-level")
+        variant, filename = GROUPS[name][:2]
         ckpts = {kind: os.path.join(self.run_folder(variant, kind, seed), filename) for kind in AUX_WEIGHTS}
-        output = os.path.join(self.results, f"seed{seed}", f"{name}.json")
+        stage = name if protocol == "label" else f"instance/{name}"
+        output = os.path.join(self.results, f"seed{seed}", f"{stage}.json")
         if os.path.isfile(output) and all(os.path.getmtime(output) >= os.path.getmtime(c) for c in ckpts.values()):
             print(f"evaluated earlier ({output}), skipped", flush=True)
             with open(output, encoding="utf-8") as f:
@@ -209,18 +248,21 @@ class Reproduction:
         start = time.time()
         summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
                                  "--global_data_path", self.args.global_data_path, "--local_data_path",
-                                 self.args.local_data_path, "--device", self.args.device, "--output", output])
-        self.timings.record(f"seed{seed}/evaluate/{name}", time.time() - start)
+                                 self.args.local_data_path, "--device", self.args.device, "--output", output,
+                                 "--relevance", protocol])
+        self.timings.record(f"seed{seed}/evaluate/{stage}", time.time() - start)
         return summary
 
-    def run(self) -> dict[int, dict[str, dict]]:
-        """Every stage, seed by seed; returns the evaluation summaries by seed and name."""
+    def run(self) -> dict[int, dict[tuple[str, str], dict]]:
+        """Every stage, seed by seed; returns the evaluation summaries by seed and (protocol, group)."""
         evaluations = {}
         for seed in self.args.seeds:
-            for variant in VARIANTS:
+            if "untrained" in self.args.rows:
+                self.untrained(seed)
+            for variant in self.variants:
                 for kind in AUX_WEIGHTS:
                     self.train(variant, kind, seed)
-            evaluations[seed] = {name: self.evaluate(name, seed) for name in EVALUATIONS}
+            evaluations[seed] = {key: self.evaluate(*key, seed) for key in self.evaluations}
         return evaluations
 
 
@@ -243,11 +285,13 @@ def finished(last: str, opt: dict) -> bool:
     if ckpt["epoch"] > opt["num_epochs"]:
         raise InputError(f"{last}: this run has trained {ckpt['epoch']} epochs, more than --epochs "
                          f"{opt['num_epochs']}; use another --runs_dir or the same --epochs")
-    return ckpt["epoch"] == opt["num_epochs"] and ckpt.get("evaluated", True)
+    patience_over = opt["early_stop"] > 0 and ckpt["epoch"] - ckpt.get("best_epoch", ckpt["epoch"]) >= opt["early_stop"]
+    return (ckpt["epoch"] == opt["num_epochs"] or patience_over) and ckpt.get("evaluated", True)
 
 
 def dev_curve(folder: str) -> dict[int, float]:
-    """Dev rsum (i2t + t2i mAP) by epoch from a run's performance.log; a re-evaluated epoch keeps its last line."""
+    """Dev rsum by epoch from a run's performance.log (its selection score: i2t + t2i mAP, or the sum of R@K
+    when instance-trained); a re-evaluated epoch keeps its last line."""
     path, curve = os.path.join(folder, "performance.log"), {}
     if not os.path.isfile(path):
         raise InputError(f"{path}: not found; the run's dev scores are read from it")
@@ -270,60 +314,130 @@ def mean_std(values: list[float]) -> dict:
             "values": values}
 
 
+def column(direction: str, metric: str) -> str:
+    """Name of a table column: 'i2t mAP', 'mean mAP', 'mR', ..."""
+    return "mR" if direction == "mR" else f"{direction} {metric}"
+
+
 def metric_value(row: dict, direction: str, metric: str) -> float:
+    if direction == "mR":
+        return row["mR"]
     return row["mean_mAP"] if direction == "mean" else row[direction][metric]
 
 
-def rising_note(repro: Reproduction, variant: str | None, kinds: list[str]) -> str:
-    """'2/3' seeds whose dev mAP still rose at the last epoch, per subnetwork behind a row."""
-    if variant is None:
-        return "-"
-    counts = []
+def row_name(row: str, suffix: str) -> str:
+    """'global, triplet loss', ...; the paper's fused row keeps its name 'fused (w tuned on dev)'."""
+    if not suffix:
+        return "fused (w tuned on dev)" if row == "fused" else row
+    return f"{row}, {suffix}"
+
+
+def run_stop(folder: str) -> tuple[int, bool]:
+    """Best epoch and whether the run stopped early, from its last checkpoint (older ones: from its log)."""
+    ckpt = load_checkpoint(os.path.join(folder, trainer.LAST))
+    if "best_epoch" in ckpt:
+        return ckpt["best_epoch"], ckpt.get("stop_reason") == "early_stop"
+    curve = {epoch: value for epoch, value in dev_curve(folder).items() if epoch > 0}
+    return max(curve, key=lambda epoch: (curve[epoch], -epoch)), False
+
+
+def convergence(repro: Reproduction, variant: str, kinds: list[str]) -> dict[str, str]:
+    """Dev trends of the runs behind a row: seeds still rising at the last epoch (per subnetwork), the mean
+    best epoch and how many runs stopped early (over every run behind the row)."""
+    seeds = repro.args.seeds
+    rising, stops = [], []
     for kind in kinds:
-        rising = sum(still_rising(dev_curve(repro.run_folder(variant, kind, s))) for s in repro.args.seeds)
-        counts.append(f"{kind} {rising}/{len(repro.args.seeds)}" if len(kinds) > 1 else f"{rising}/{len(repro.args.seeds)}")
-    return ", ".join(counts)
+        folders = [repro.run_folder(variant, kind, s) for s in seeds]
+        count = sum(still_rising(dev_curve(folder)) for folder in folders)
+        rising.append(f"{kind} {count}/{len(seeds)}" if len(kinds) > 1 else f"{count}/{len(seeds)}")
+        stops += [run_stop(folder) for folder in folders]
+    return {"dev_rising_at_last_epoch": ", ".join(rising),
+            "mean_best_epoch": f"{statistics.fmean(epoch for epoch, _ in stops):.1f}",
+            "stopped_early": f"{sum(early for _, early in stops)}/{len(stops)}"}
 
 
-def build_table(repro: Reproduction, evaluations: dict[int, dict[str, dict]]) -> dict:
-    """Mean and std over seeds of every row and metric, with fusion weights, dev trends and wall times."""
-    rows = {}
-    for label, (name, row, variant) in ROWS.items():
-        per_seed = [evaluations[s][name]["rows"][row] for s in repro.args.seeds]
-        kinds = list(AUX_WEIGHTS) if row == "fused" else [row]
-        rows[label] = {f"{d} {m}": mean_std([metric_value(r, d, m) for r in per_seed]) for d, m in METRICS}
-        rows[label]["dev_rising_at_last_epoch"] = rising_note(repro, variant, kinds)
-    first = evaluations[repro.args.seeds[0]]["trained"]
+def build_table(repro: Reproduction, evaluations: dict[int, dict[tuple[str, str], dict]], protocol: str) -> dict:
+    """Mean and std over seeds of every row and metric of one protocol, with fusion weights, dev trends,
+    convergence and wall times."""
+    rows, seeds = {}, repro.args.seeds
+    groups = [g for p, g in repro.evaluations if p == protocol]
+    for group in groups:
+        variant, filename, _, suffix = GROUPS[group]
+        for row in SUBNETWORK_ROWS:
+            per_seed = [evaluations[s][protocol, group]["rows"][row] for s in seeds]
+            label = row_name(row, suffix)
+            rows[label] = {column(d, m): mean_std([metric_value(r, d, m) for r in per_seed])
+                           for d, m in METRICS[protocol]}
+            trained = filename == trainer.BEST
+            kinds = list(AUX_WEIGHTS) if row == "fused" else [row]
+            rows[label].update(convergence(repro, variant, kinds) if trained else
+                               dict.fromkeys(("dev_rising_at_last_epoch", "mean_best_epoch", "stopped_early"), "-"))
+    first = evaluations[seeds[0]][protocol, groups[0]]
     wall = repro.timings.seconds
-    return {"data_name": repro.args.data_name, "split": first["split"], "images": first["images"],
-            "captions_per_image": first["captions_per_image"], "seeds": repro.args.seeds,
-            "epochs": repro.args.epochs, "training_flags": repro.dims + repro.passthrough,
-            "fusion_weights": {name: {s: evaluations[s][name]["fusion_weight"] for s in repro.args.seeds}
-                               for name in EVALUATIONS},
-            "rows": rows, "wall_time_s": wall, "total_wall_time_s": round(sum(wall.values()), 1)}
+    table = {"data_name": repro.args.data_name, "protocol": protocol, "split": first["split"],
+             "images": first["images"], "captions_per_image": first["captions_per_image"], "seeds": seeds,
+             "epochs": repro.args.epochs, "early_stop": repro.args.early_stop,
+             "training_flags": repro.dims + repro.passthrough,
+             "fusion_weights": {group: {s: evaluations[s][protocol, group]["fusion_weight"] for s in seeds}
+                                for group in groups},
+             "rows": rows, "wall_time_s": wall, "total_wall_time_s": round(sum(wall.values()), 1)}
+    if protocol == "instance":
+        table["duplicate_captions"] = first.get("duplicate_captions")
+        table["published"] = published_rows(repro.args.data_name)
+    return table
 
 
 def format_markdown(table: dict) -> str:
-    """table.md: one line per row, mean ± std over seeds."""
+    """table.md / table_instance.md: one line per row, mean ± std over seeds; published rows beside."""
     seeds = ", ".join(map(str, table["seeds"]))
-    head = ["model"] + [f"{d} {m}" if d != "mean" else "mean mAP" for d, m in METRICS] + ["dev mAP rising at last epoch"]
-    lines = [f"# M2HSE on {table['data_name']}: {table['split']} split, mean ± std over seeds {seeds}", "",
-             f"{table['images']} images with {table['captions_per_image']} captions each.",
-             f"{table['epochs']} epochs per subnetwork; training flags: {' '.join(table['training_flags']) or 'defaults'}.",
+    metrics = METRICS[table["protocol"]]
+    extra = ["dev rsum rising at last epoch", "mean best epoch", "stopped early"]
+    head = ["model"] + [column(d, m) for d, m in metrics] + extra
+    relevance = ("relevant = the caption's own image (instance level)" if table["protocol"] == "instance"
+                 else "relevant = shared label (label level)")
+    stop = f", early stop after {table['early_stop']} epochs without a better dev rsum" if table["early_stop"] else ""
+    lines = [f"# M2HSE on {table['data_name']}: {table['split']} split, {table['protocol']}-level, mean ± std over "
+             f"seeds {seeds}", "",
+             f"{table['images']} images with {table['captions_per_image']} captions each; {relevance}.",
+             f"At most {table['epochs']} epochs per subnetwork{stop}; training flags: "
+             f"{' '.join(table['training_flags']) or 'defaults'}.",
              "mAP@all and R@K in percent; std is the sample standard deviation over seeds. Fusion weight w tuned on "
              "dev per seed: " + "; ".join(f"{name} " + ", ".join(f"{w:.2f}" for w in ws.values())
                                           for name, ws in table["fusion_weights"].items()) + ".",
-             "The last column counts the seeds whose dev i2t + t2i mAP at the last epoch beat every earlier epoch.",
+             "Dev columns: seeds whose dev rsum at the last epoch beat every earlier epoch; the mean best epoch and "
+             "the runs stopped early (out of all runs behind the row).",
              f"Wall time of all stages: {table['total_wall_time_s'] / 60:.1f} min.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table["rows"].items():
-        cells = [f"{row[f'{d} {m}']['mean']:.2f} ± {row[f'{d} {m}']['std']:.2f}" for d, m in METRICS]
-        lines.append("| " + " | ".join([label, *cells, row["dev_rising_at_last_epoch"]]) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [f"{row[column(d, m)]['mean']:.2f} ± {row[column(d, m)]['std']:.2f}" for d, m in metrics]
+        lines.append("| " + " | ".join([label, *cells, row["dev_rising_at_last_epoch"], row["mean_best_epoch"],
+                                        row["stopped_early"]]) + " |")
+    return "\n".join(lines + published_markdown(table)) + "\n"
+
+
+def published_markdown(table: dict) -> list[str]:
+    """The published instance-level rows (not run here), and the duplicate captions of the split."""
+    lines = []
+    twins = table.get("duplicate_captions")
+    if twins:
+        lines += ["", f"{twins['captions_with_a_twin_of_another_image']} test captions have an identical twin "
+                      f"describing another image ({twins['distinct_strings']} distinct strings); they are kept, and "
+                      "a twin counts as not relevant."]
+    if table.get("published"):
+        lines += ["", "Published instance-level results on the same test split (published, not run here):", "",
+                  "| method (features) | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | source |",
+                  "|" + "---|" * 9]
+        for r in table["published"]:
+            recalls = [f"{v:.2f}" for v in (*r["i2t"], *r["t2i"])] if r["i2t"] else ["-"] * 6
+            features = f" ({r['features']})" if r["features"] else ""
+            lines.append("| " + " | ".join([f"{r['method']}{features}, published", *recalls, f"{r['mR']:.2f}",
+                                            r["source"]]) + " |")
+    return lines
 
 
 @report_errors
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Every stage, then both tables and the dev curves; returns the tables by protocol."""
     args, passthrough = parse_args(argv)
     check_writable(args.results_dir, "--results_dir")
     check_writable(args.runs_dir, "--runs_dir")
@@ -331,12 +445,24 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in AUX_WEIGHTS:  # bad pass-through flags stop here, before anything trains
         parse_options(kind, flags_for(kind, passthrough))
     repro = Reproduction(args, passthrough)
-    table = build_table(repro, repro.run())
-    write_json(os.path.join(repro.results, "table.json"), table)
-    markdown = format_markdown(table)
-    atomic_write_bytes(os.path.join(repro.results, "table.md"), markdown.encode("utf-8"))
-    print("\n" + markdown + f"\nwrote {repro.results}/table.md and table.json")
-    return table
+    evaluations = repro.run()
+    tables = {}
+    for protocol in PROTOCOLS:
+        if not any(p == protocol for p, _ in repro.evaluations):
+            continue
+        tables[protocol] = build_table(repro, evaluations, protocol)
+        name = "table" if protocol == "label" else "table_instance"
+        write_json(os.path.join(repro.results, f"{name}.json"), tables[protocol])
+        markdown = format_markdown(tables[protocol])
+        atomic_write_bytes(os.path.join(repro.results, f"{name}.md"), markdown.encode("utf-8"))
+        print("\n" + markdown + f"\nwrote {repro.results}/{name}.md and {name}.json")
+    if repro.variants:
+        runs = {f"{variant} {kind}": [os.path.join(repro.run_folder(variant, kind, s), "performance.log")
+                                      for s in args.seeds] for variant in repro.variants for kind in AUX_WEIGHTS}
+        figure = os.path.join(repro.results, "dev_curves.png")
+        dev_curves.draw_dev_curves(runs, figure, f"{args.data_name}: dev curves, mean over seeds")
+        print(f"wrote {figure}")
+    return tables
 
 
 if __name__ == "__main__":

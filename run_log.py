@@ -32,13 +32,18 @@ class RunLogger:
         self.writer = SummaryWriter(folder)
 
     def metrics(self, epoch: int, result: dict) -> None:
-        i2t, t2i = result["i2t"], result["t2i"]
+        """Label-level mAP, instance-level mAP and mR, then the rsum that selects the model, last."""
+        i2t, t2i, instance = result["i2t"], result["t2i"], result["instance"]
         append(self.performance, f"epoch {epoch} i2t_mAP {i2t['mAP']:.4f} t2i_mAP {t2i['mAP']:.4f} "
-                                 f"rsum {result['rsum']:.4f}\n")
-        for direction in ("i2t", "t2i"):
-            for name, value in result[direction].items():
-                self.writer.add_scalar(f"val/{direction}_{name}", value, epoch)
+                                 f"instance_i2t_mAP {instance['i2t']['mAP']:.4f} instance_t2i_mAP "
+                                 f"{instance['t2i']['mAP']:.4f} instance_mR {instance['mR']:.4f} "
+                                 f"rsum {result['selection']:.4f}\n")
+        for prefix, metrics in (("val", result), ("val_instance", instance)):
+            for direction in ("i2t", "t2i"):
+                for name, value in metrics[direction].items():
+                    self.writer.add_scalar(f"{prefix}/{direction}_{name}", value, epoch)
         self.writer.add_scalar("val/rsum", result["rsum"], epoch)
+        self.writer.add_scalar("val_instance/rsum", instance["rsum"], epoch)
 
     def loss(self, epoch: int, step: int, global_step: int, terms: dict[str, float], lr: float) -> None:
         values = " ".join(f"{name} {value:.6f}" for name, value in terms.items())

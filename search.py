@@ -28,6 +28,8 @@ from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
+from loss import relevance as relevance_of
+from metrics import protocol_labels
 from options import resolve_device
 from vocab import read_captions
 
@@ -244,11 +246,23 @@ def run_search(args: argparse.Namespace) -> dict:
     results = [{"rank": number, **item, **{name: float(s[position[item["row"]]]) for name, s in scores.items()}}
                for number, item in enumerate(describe(global_net, split, target, ranked_rows, labels, names), 1)]
     shown = {"text": args.text} if args.text is not None else ({"image": args.image} if args.image else {})
-    if "image_row" in query:  # an image of the split: its row and class
+    if "image_row" in query:  # an image of the split: its row, class and relevant captions are known
         row = query["image_row"]
+        mark_relevant(results, row, embeddings, args.relevance)
         shown.update(image_row=row, **label_fields(embeddings["image_labels"][row], names))
-    return {"query": shown, "split": split, "target": target, "index": args.index,
+    return {"query": shown, "split": split, "target": target, "index": args.index, "relevance": args.relevance,
             "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results}
+
+
+def mark_relevant(results: list[dict], image_row: int, embeddings: dict, relevance: str) -> None:
+    """Each caption result's relevance to the query image under the protocol (metrics.protocol_labels)."""
+    image_keys, caption_keys = protocol_labels(relevance, embeddings["image_labels"].numpy(),
+                                               embeddings["caption_labels"].numpy())
+    query_key = torch.from_numpy(image_keys[image_row:image_row + 1])
+    rows = [r["row"] for r in results]
+    flags = relevance_of(query_key, torch.from_numpy(caption_keys[rows]))[0].tolist()
+    for result, flag in zip(results, flags):
+        result["relevant"] = flag
 
 
 def format_results(found: dict) -> str:
@@ -261,7 +275,8 @@ def format_results(found: dict) -> str:
         parts = f" (global {r['global']:.4f}, local {r['local']:.4f})" if "local" in r else ""
         what = r.get("caption") or r.get("image") or ""
         label = f"class {', '.join(np.atleast_1d(r['class']))}" if "class" in r else f"label {r['label']}"
-        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  {label}  {what}".rstrip())
+        mark = {True: "  relevant", False: "  not relevant"}.get(r.get("relevant"), "")
+        lines.append(f"{r['rank']:3d}. {r['score']:.4f}{parts}  row {r['row']}  {label}{mark}  {what}".rstrip())
     return "\n".join(lines)
 
 

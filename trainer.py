@@ -16,7 +16,7 @@ import distributed
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
-from loss import msb_loss
+from loss import msb_loss, triplet_loss
 from files import check_writable, remove_stale_temporaries
 from models import build_model, load_weights
 from options import SHAPE_OPTIONS, changed_options, parse_options
@@ -36,9 +36,16 @@ def learning_rate(opt: dict, epoch: int) -> float:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pair_loss(sims: torch.Tensor, labels: torch.Tensor, opt: dict) -> torch.Tensor:
+    """The loss of one similarity term chosen by --loss: MSB (docs/METHOD.md section 5) or triplet (VSE++)."""
+    if opt["loss"] == "triplet":
+        return triplet_loss(sims, labels, opt["margin"])
+    return msb_loss(sims, labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])
+
+
 def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device,
                gather=None) -> dict[str, torch.Tensor]:
-    """Weighted MSB terms of one batch; 'loss' is their sum.
+    """Weighted loss terms (MSB or triplet, --loss) of one batch; 'loss' is their sum.
 
     Under torchrun `gather` joins every rank's slice, so each rank gets the loss of the global batch.
     """
@@ -47,7 +54,7 @@ def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device,
     with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off"):
         sims = model(cnn.to(device), bovw.to(device), captions.to(device), lengths.to(device), gather=gather)
     labels = labels.to(device) if gather is None else gather(labels.to(device))
-    terms = {name: weight * msb_loss(sims[name], labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])
+    terms = {name: weight * pair_loss(sims[name], labels, opt)
              for name, weight in getattr(model, "module", model).loss_weights().items()}  # DDP holds .module
     terms["loss"] = sum(terms.values())
     return terms
@@ -107,6 +114,8 @@ class Trainer:
             print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
         self.train_set = self._dataset("train")
+        if opt["relevance"] == "instance":  # the positives of an item: the captions of its own image
+            self.train_set.label_by_image()
         self.val_set = self._dataset(opt["val_split"])
         if opt["batch_size"] > len(self.train_set):
             raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
@@ -118,6 +127,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=opt["amp"] == "fp16")
         self.order_rng = torch.Generator().manual_seed(opt["seed"])
         self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
+        self.best_epoch, self.stop_reason = 0, ""  # stop_reason: "early_stop" or "num_epochs" once stopped
         self.evaluated = True  # False between an epoch's last batch and its dev evaluation
         self.stops: distributed.StopRequests | None = None  # signals noted, under torchrun only
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
@@ -164,7 +174,8 @@ class Trainer:
         """Everything a resumed run needs, as a plain dict."""
         return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
-                "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
+                "best_rsum": self.best_rsum, "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
+                "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
                 "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
                 "scaler": self.scaler.state_dict()}
 
@@ -186,6 +197,8 @@ class Trainer:
         if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
+        # older checkpoints lack best_epoch: the patience count restarts at the resumed epoch
+        self.best_epoch = ckpt.get("best_epoch", self.epoch)
         self.evaluated = ckpt.get("evaluated", True)
         self.epoch_rng_state = ckpt["order_rng"]
         torch.set_rng_state(ckpt["torch_rng"])
@@ -219,7 +232,10 @@ class Trainer:
                              "(feature values too large, or --learning_rate too high?)")
 
     def evaluate(self) -> dict:
+        """Dev metrics of both protocols; result["selection"] is the rsum of --relevance (model selection)."""
         result = validate(self.model, self.val_set, self.opt["batch_size"], self.device)
+        chosen = result["instance"] if self.opt["relevance"] == "instance" else result
+        result["selection"] = chosen["rsum"]
         self.log.metrics(self.epoch, result)
         return result
 
@@ -282,13 +298,36 @@ class Trainer:
                     self.report(None, self.evaluate(), 0.0)
                 if not self.evaluated:  # the run stopped before the last finished epoch was evaluated
                     self.select_and_save(None, 0.0)
-                while self.epoch < self.opt["num_epochs"]:
+                patience_over = distributed.any_rank(self.dist, self.patience_over())
+                while self.epoch < self.opt["num_epochs"] and not patience_over:
                     self.run_epoch()
+                    patience_over = distributed.any_rank(self.dist, self.patience_over())  # rank 0 decides
             except Interrupted as sig:
                 self.stop(sig)
+        if self.dist.is_main:
+            print(self.stop_line(), flush=True)
         if self.log:
             self.log.close()
         return self.best_rsum
+
+    def patience_over(self) -> bool:
+        """--early_stop P: the dev rsum has not improved for P epochs (known to rank 0, which evaluates)."""
+        patience = self.opt["early_stop"]
+        return self.dist.is_main and patience > 0 and self.epoch - self.best_epoch >= patience
+
+    def stop_reason_now(self) -> str:
+        """Why training stops after the epoch just evaluated ("num_epochs" wins a tie), or "" while it goes on."""
+        if self.epoch >= self.opt["num_epochs"]:
+            return "num_epochs"
+        return "early_stop" if self.patience_over() else ""
+
+    def stop_line(self) -> str:
+        """The log line saying why training stopped."""
+        best = f"best dev rsum {self.best_rsum:.2f} at epoch {self.best_epoch}"
+        if self.stop_reason_now() == "early_stop":
+            return (f"early stop after epoch {self.epoch}: the dev rsum has not improved for "
+                    f"{self.opt['early_stop']} epochs ({best}; --num_epochs {self.opt['num_epochs']})")
+        return f"stopped at --num_epochs {self.opt['num_epochs']} ({best})"
 
     def _stop_signals(self):
         """One process: a signal raises Interrupted at once. Under torchrun: it is noted, and all ranks
@@ -321,9 +360,11 @@ class Trainer:
             self.evaluated = True
             return
         result = self.evaluate()
-        is_best = result["rsum"] > self.best_rsum
-        self.best_rsum = max(self.best_rsum, result["rsum"])
+        is_best = result["selection"] > self.best_rsum
+        if is_best:
+            self.best_rsum, self.best_epoch = result["selection"], self.epoch
         self.evaluated = True
+        self.stop_reason = self.stop_reason_now()  # saved with the epoch, for reproduce.py's table
         held = self.save(best=is_best)
         self.report(losses, result, time.time() - start, is_best)
         if held and self.stops is not None:  # under torchrun every rank stops after the next step
@@ -336,7 +377,8 @@ class Trainer:
         head = f"epoch {self.epoch:3d}/{self.opt['num_epochs']}" if self.epoch else "before training"
         loss = f"loss {losses['loss']:.4f}  " if losses else ""
         print(f"{head}  {loss}i2t mAP {result['i2t']['mAP']:6.2f}  t2i mAP {result['t2i']['mAP']:6.2f}  "
-              f"rsum {result['rsum']:6.2f}  lr {self.optimizer.param_groups[0]['lr']:.1e}  {seconds:5.1f}s"
+              f"instance mR {result['instance']['mR']:6.2f}  rsum {result['selection']:6.2f}  "
+              f"lr {self.optimizer.param_groups[0]['lr']:.1e}  {seconds:5.1f}s"
               f"{'  *best' if is_best else ''}", flush=True)
 
 

@@ -4,7 +4,7 @@
 
 Writes to --out_dir:
   text_to_image.png   caption queries, each with its top 5 images framed green (relevant: a shared
-                      category) or red
+                      category; with --relevance instance: the caption's own image) or red
   image_to_text.png   image queries, each with its top 5 captions in green or red
   attention_<j>.png   with a local checkpoint: one image and its caption j, each word's attention
                       weights over the 3x3 blocks drawn on the image
@@ -26,6 +26,7 @@ from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from files import atomic_write, check_writable
 from loss import relevance
+from metrics import protocol_labels
 from model_local import text_to_image_attention
 from options import resolve_device
 from vocab import read_captions
@@ -33,6 +34,7 @@ from vocab import read_captions
 TOP = 5
 GREEN, RED = (40, 160, 60), (200, 40, 40)
 THUMB = 192  # pixels of the longer side of a drawn image
+RELEVANT_MEANS = {"label": "shared category", "instance": "the caption describes that very image"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="figures")
     p.add_argument("--queries", type=int, default=4, help="queries per figure (and attention figures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
-    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by i2t + t2i mAP")
+    p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by the --relevance protocol's rsum")
     args = p.parse_args(argv)
     if not (args.global_ckpt or args.local_ckpt):
         p.error("give --global_ckpt, --local_ckpt or both")
@@ -86,7 +88,7 @@ class Gallery:
         weight = None
         if len(nets) == 2:
             evaluate.check_same_items(nets, self.split)
-            weight = evaluate.tune_weight(nets) if args.tune_fusion else args.fusion_weight
+            weight = evaluate.tune_weight(nets, args.relevance) if args.tune_fusion else args.fusion_weight
         rows = evaluate.score_rows(nets, self.split, weight)
         self.score_name = "fused" if weight is not None else nets[0].kind
         self.sims = rows[self.score_name]  # (images, captions)
@@ -98,7 +100,9 @@ class Gallery:
         self.images = read_image_paths(args.images_file or os.path.join(folder, f"{self.split}_images.txt"),
                                        self.sims.shape[0])
         self.captions_per_image = dataset.captions_per_image
-        self.relevant = relevance(dataset.labels, dataset.caption_labels).numpy()  # (images, captions)
+        labels = protocol_labels(args.relevance, dataset.labels.numpy(), dataset.caption_labels.numpy())
+        self.relevant = relevance(*(torch.from_numpy(x) for x in labels)).numpy()  # (images, captions)
+        self.meaning = RELEVANT_MEANS[args.relevance]
         names = class_names(folder)
         self.classes = [label_names(label, names) for label in dataset.labels] if names else None
 
@@ -150,8 +154,8 @@ def draw_text_to_image(gallery: Gallery, queries: np.ndarray, path: str) -> None
             hit = gallery.relevant[image, caption]
             ax.imshow(thumbnail(gallery.images[image], GREEN if hit else RED))
             ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}{gallery.named(image)}", fontsize=9)
-    fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant (shared "
-                 "category), red: not", fontsize=11)
+    fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant "
+                 f"({gallery.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 
@@ -166,8 +170,8 @@ def draw_image_to_text(gallery: Gallery, queries: np.ndarray, path: str) -> None
             text = textwrap.shorten(gallery.captions[caption], 80)
             text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {gallery.sims[image, caption]:.3f}  {text}",
                          color=np.array(GREEN if hit else RED) / 255, fontsize=10, va="center")
-    fig.suptitle(f"image -> caption, {gallery.split} split, {gallery.describe}; green: relevant (shared "
-                 "category), red: not", fontsize=11)
+    fig.suptitle(f"image -> caption, {gallery.split} split, {gallery.describe}; green: relevant "
+                 f"({gallery.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 

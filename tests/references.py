@@ -196,6 +196,29 @@ def msb_loss_reference(sims: torch.Tensor, labels, g1: float = 1.0, g2: float = 
     return total / sims.shape[0]
 
 
+def triplet_loss_reference(sims: torch.Tensor, labels, margin: float = 0.2) -> torch.Tensor:
+    """VSE++ max-violation loss looped over anchors, both directions.
+
+    Row anchor i: the mean over its positives j of max(0, margin - s[i, j] + max over negatives n of s[i, n]);
+    column anchor j: the same over column j. The loss is the sum of all row and column anchor terms; an
+    anchor without a positive or without a negative adds nothing.
+    """
+    lab = _label_rows(labels)
+    n = sims.shape[0]
+    total = sims.sum() * 0.0
+    for a in range(n):
+        for line in ([sims[a, j] for j in range(n)], [sims[j, a] for j in range(n)]):
+            positive = [is_relevant(lab[a], lab[j]) for j in range(n)]
+            pos = [j for j in range(n) if positive[j]]
+            neg = [j for j in range(n) if not positive[j]]
+            if not pos or not neg:
+                continue
+            hardest = torch.stack([line[j] for j in neg]).max()
+            hinges = [torch.clamp(margin - line[j] + hardest, min=0.0) for j in pos]
+            total = total + sum(hinges) / len(pos)
+    return total
+
+
 # ----------------------------------------------------------------------------------------------
 # Retrieval metrics (docs/METHOD.md section 7)
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +289,37 @@ def shortlist_metrics_reference(global_sims, rerank_sims, query_labels, gallery_
     return _percent_means(aps, hits, precs, skipped)
 
 
+def instance_metrics_reference(sims, captions_per_image: int, ks=(1, 5, 10)) -> dict:
+    """Instance-level protocol, one query at a time: caption j is relevant only to image j // k.
+
+    i2t: image i ranks all captions (ties by caption index), its relevant items are captions i*k .. i*k+k-1;
+    t2i: caption j ranks all images, its one relevant item is image j // k. R@K (a relevant item in the top
+    K) and AP in percent per direction; mR = mean of the six R@K; rsum = their sum.
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    n_images, n_captions = sims.shape
+    out = {}
+    for direction in ("i2t", "t2i"):
+        aps, hits = [], {k: [] for k in ks}
+        n_queries = n_images if direction == "i2t" else n_captions
+        for q in range(n_queries):
+            if direction == "i2t":
+                scores = [sims[q, j] for j in range(n_captions)]
+                is_own = [j // captions_per_image == q for j in range(n_captions)]
+            else:
+                scores = [sims[i, q] for i in range(n_images)]
+                is_own = [i == q // captions_per_image for i in range(n_images)]
+            order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+            ranked = [is_own[j] for j in order]
+            aps.append(average_precision_reference(ranked))
+            for k in ks:
+                hits[k].append(1.0 if any(ranked[:k]) else 0.0)
+        out[direction] = {"mAP": 100 * sum(aps) / len(aps), **{f"R@{k}": 100 * sum(hits[k]) / len(aps) for k in ks}}
+    out["rsum"] = sum(out[d][f"R@{k}"] for d in ("i2t", "t2i") for k in ks)
+    out["mR"] = out["rsum"] / (2 * len(ks))
+    return out
+
+
 def map_reference(sims, query_labels, gallery_labels) -> float:
     """mAP@all in percent over the queries (rows of sims) that have a relevant gallery item."""
     sims = np.asarray(sims, dtype=np.float64)
@@ -305,5 +359,6 @@ __all__ = [
     "l2norm_reference", "gru_direction_reference", "text_encoder_reference", "pool_words_reference",
     "inner_product_matrix", "global_similarity_reference", "msb_anchor_terms", "msb_loss_reference",
     "ranked_relevance", "average_precision_reference", "ranking_metrics_reference", "map_reference",
-    "precision_recall_reference", "is_relevant",
+    "precision_recall_reference", "is_relevant", "instance_metrics_reference",
+    "triplet_loss_reference",
 ]

@@ -58,11 +58,18 @@ def reproduced(tiny_data, tmp_path_factory) -> tuple[str, dict]:
     return root, table
 
 
+def expected_rows(protocol: str) -> list[str]:
+    return [reproduce.row_name(row, suffix) for _, _, protocols, suffix in reproduce.GROUPS.values()
+            if protocol in protocols for row in reproduce.SUBNETWORK_ROWS]
+
+
 def test_writes_table_with_every_row(reproduced, tiny_data) -> None:
-    root, table = reproduced
+    root, tables = reproduced
+    table = tables["label"]
     folder = os.path.join(root, "results", tiny_data["name"])
     on_disk = json.load(open(os.path.join(folder, "table.json"), encoding="utf-8"))
-    assert list(on_disk["rows"]) == list(reproduce.ROWS)
+    assert list(on_disk["rows"]) == expected_rows("label")
+    assert "global, triplet loss" in on_disk["rows"] and "fused, no auxiliary terms" in on_disk["rows"]
     assert on_disk["seeds"] == list(SEEDS) and on_disk["epochs"] == 1 and on_disk["split"] == "test"
     assert on_disk["images"] == 20 and on_disk["captions_per_image"] == 1
     row = on_disk["rows"]["fused (w tuned on dev)"]
@@ -70,12 +77,49 @@ def test_writes_table_with_every_row(reproduced, tiny_data) -> None:
     assert row["mean mAP"]["mean"] == pytest.approx((row["i2t mAP"]["mean"] + row["t2i mAP"]["mean"]) / 2)
     assert on_disk["rows"]["global, untrained"]["dev_rising_at_last_epoch"] == "-"
     assert on_disk["rows"]["global"]["dev_rising_at_last_epoch"] in ("0/2", "1/2", "2/2")
+    # one epoch each: the best epoch is 1 and no run stopped early
+    assert on_disk["rows"]["fused, triplet loss"]["mean_best_epoch"] == "1.0"
+    assert on_disk["rows"]["fused, triplet loss"]["stopped_early"] == "0/4"
+    assert on_disk["rows"]["local, untrained"]["mean_best_epoch"] == "-"
     stages = on_disk["wall_time_s"]
-    assert len(stages) == len(SEEDS) * 7 and all(s >= 0 for s in stages.values())
+    trainings, evaluations = 5 * 2, 4 + 6  # 5 variants x 2 subnetworks; 4 label and 6 instance groups
+    assert len(stages) == len(SEEDS) * (trainings + evaluations) and all(s >= 0 for s in stages.values())
     markdown = open(os.path.join(folder, "table.md"), encoding="utf-8").read()
-    for label in reproduce.ROWS:
+    for label in expected_rows("label"):
         assert f"| {label} | " in markdown
     assert " ± " in markdown and table["rows"] == on_disk["rows"]
+    assert os.path.getsize(os.path.join(folder, "dev_curves.png")) > 0
+
+
+def test_writes_the_instance_table_with_the_instance_trained_rows(reproduced, tiny_data) -> None:
+    root, tables = reproduced
+    folder = os.path.join(root, "results", tiny_data["name"])
+    on_disk = json.load(open(os.path.join(folder, "table_instance.json"), encoding="utf-8"))
+    assert on_disk["rows"] == tables["instance"]["rows"] and on_disk["protocol"] == "instance"
+    assert list(on_disk["rows"]) == expected_rows("instance")
+    row = on_disk["rows"]["fused, instance-trained, triplet loss"]
+    recalls = [row[f"{d} R@{k}"]["mean"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert row["mR"]["mean"] == pytest.approx(sum(recalls) / 6)
+    # the same checkpoints as the label table, scored instance-wise
+    seed1 = json.load(open(os.path.join(folder, "seed1", "instance", "trained.json"), encoding="utf-8"))
+    assert seed1["relevance"] == "instance" and seed1["rows"]["global"]["mR"] == row_value(on_disk, "global", 0)
+    assert on_disk["duplicate_captions"]["distinct_strings"] > 0 and on_disk["published"] == []
+    markdown = open(os.path.join(folder, "table_instance.md"), encoding="utf-8").read()
+    assert "instance-level" in markdown and "| mR |" in markdown
+
+
+def row_value(table: dict, row: str, seed_index: int) -> float:
+    return table["rows"][row]["mR"]["values"][seed_index]
+
+
+def test_published_rows_are_marked_beside_the_instance_table() -> None:
+    table = {"duplicate_captions": {"captions_with_a_twin_of_another_image": 12, "distinct_strings": 30},
+             "published": reproduce.published_rows("rsicd_precomp")}
+    lines = "\n".join(reproduce.published_markdown(table))
+    assert "| GaLR (ResNet-18, GRU), published | 6.59 | 19.85 | 31.04 | 4.69 | 19.48 | 32.13 | 18.96 |" in lines
+    assert "12 test captions have an identical twin" in lines
+    ucm = "\n".join(reproduce.published_markdown({"published": reproduce.published_rows("ucm_precomp")}))
+    assert "| SCAN (ResNet-101), published | - | - | - | - | - | - | 43.43 |" in ucm
 
 
 def test_runs_use_seeds_variants_and_routed_flags(reproduced, tiny_data) -> None:
@@ -84,6 +128,10 @@ def test_runs_use_seeds_variants_and_routed_flags(reproduced, tiny_data) -> None
     opts = {(variant, kind): torch.load(os.path.join(runs, variant, kind, "seed2", trainer.BEST),
                                         weights_only=True)["opt"]
             for variant in reproduce.VARIANTS for kind in reproduce.AUX_WEIGHTS}
+    assert {(o["loss"], o["relevance"]) for (v, _), o in opts.items() if v == "instance_triplet"} == \
+        {("triplet", "instance")}
+    assert {(o["loss"], o["relevance"]) for (v, _), o in opts.items() if v == "triplet"} == {("triplet", "label")}
+    assert {(o["loss"], o["relevance"]) for (v, _), o in opts.items() if v == "full"} == {("msb", "label")}
     assert all(o["seed"] == 2 and o["num_epochs"] == 1 and o["embed_size"] == 16 for o in opts.values())
     assert (opts["full", "global"]["alpha_1"], opts["full", "global"]["alpha_2"]) == (0.5, 0.8)
     assert (opts["full", "local"]["beta_1"], opts["full", "local"]["beta_2"]) == (0.4, 0.3)
@@ -95,7 +143,9 @@ def test_rerun_trains_and_evaluates_nothing(reproduced, tiny_data, calls) -> Non
     root, table = reproduced
     again = reproduce.main(reproduce_argv(tiny_data, root, "--alpha_1", "0.5", "--beta_2=0.3"))
     assert calls == {"train": [], "evaluate": []}
-    assert again["rows"] == table["rows"] and again["wall_time_s"] == table["wall_time_s"]
+    for protocol in ("label", "instance"):
+        assert again[protocol]["rows"] == table[protocol]["rows"]
+        assert again[protocol]["wall_time_s"] == table[protocol]["wall_time_s"]
 
 
 def test_rerun_resumes_an_unfinished_run_and_reevaluates_it(tiny_data, tmp_path, calls) -> None:
@@ -110,7 +160,9 @@ def test_rerun_resumes_an_unfinished_run_and_reevaluates_it(tiny_data, tmp_path,
     calls["train"].clear(), calls["evaluate"].clear()
     reproduce.main(argv)
     assert [kind for kind, _ in calls["train"]] == ["local"] and "--resume" in calls["train"][0][1]
-    assert len(calls["evaluate"]) == 1 and "trained.json" in calls["evaluate"][0][-1]  # the one reading it
+    outputs = [argv[argv.index("--output") + 1] for argv in calls["evaluate"]]  # the ones reading it
+    assert [os.path.relpath(o, os.path.join(tmp_path, "results", tiny_data["name"], "seed1")) for o in outputs] == \
+        ["trained.json", os.path.join("instance", "trained.json")]
     assert torch.load(last, weights_only=True)["evaluated"]
 
 
@@ -140,6 +192,32 @@ def test_untrained_checkpoint_is_the_trainers_initial_model(tiny_data, tmp_path)
     fresh.release()
     assert saved["epoch"] == 0 and saved["model"].keys() == initial.keys()
     assert all(torch.equal(saved["model"][k], initial[k]) for k in initial)
+
+
+def test_rows_selects_a_subset_and_early_stop_reaches_the_trainings(tiny_data, tmp_path, calls) -> None:
+    tables = reproduce.main(reproduce_argv(tiny_data, str(tmp_path), "--seeds", "1", "--rows", "triplet",
+                                           "--early_stop", "3"))
+    assert sorted({argv[argv.index("--model_name") + 1].split(os.sep)[-3] for _, argv in calls["train"]}) == \
+        ["triplet"]
+    assert all(argv[argv.index("--early_stop") + 1] == "3" for _, argv in calls["train"])
+    assert list(tables["label"]["rows"]) == ["global, triplet loss", "local, triplet loss", "fused, triplet loss"]
+    assert list(tables["instance"]["rows"]) == list(tables["label"]["rows"]) and tables["label"]["early_stop"] == 3
+
+
+@pytest.mark.parametrize("flag", ["--rows=trained,nonsense", "--loss=triplet", "--relevance=instance"])
+def test_row_groups_and_per_row_flags_are_checked(tiny_data, tmp_path, flag) -> None:
+    with pytest.raises(SystemExit):
+        reproduce.main(reproduce_argv(tiny_data, str(tmp_path), flag))
+
+
+def test_an_early_stopped_run_is_finished(tiny_data, tmp_path) -> None:
+    opt = parse_options("global", ["--num_epochs", "10", "--early_stop", "2"])
+    state = {"kind": "global", "model": {}, "opt": opt, "vocab": {}, "epoch": 3, "best_epoch": 1,
+             "stop_reason": "early_stop"}
+    torch.save(state, tmp_path / trainer.LAST)
+    assert reproduce.finished(str(tmp_path / trainer.LAST), opt)
+    assert not reproduce.finished(str(tmp_path / trainer.LAST), {**opt, "early_stop": 3})  # more patience: resume
+    assert reproduce.run_stop(str(tmp_path)) == (1, True)
 
 
 def test_flags_for_routes_aux_weights() -> None:
