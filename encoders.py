@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 L2_EPS = 1e-8
+SIMILARITIES = ("P", "A1", "A2")  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = L2_EPS) -> torch.Tensor:
@@ -77,8 +78,8 @@ class TwoBranchModel(nn.Module):
     """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
 
     Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2) and define
-    `encode_primary_texts` and `similarities(encoded)`: S_P, S_A1, S_A2 (B, B) of the outputs of `encode`,
-    rows images.
+    `encode_primary_texts` and `similarity(name, encoded)`: S_P, S_A1 or S_A2 (B, B) of the outputs of
+    `encode`, rows images.
     """
 
     kind = ""
@@ -119,6 +120,10 @@ class TwoBranchModel(nn.Module):
             encoded = {name: gather(value) for name, value in encoded.items()}
         with torch.autocast(cnn.device.type, enabled=False):
             return self.similarities(encoded)
+
+    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """S_P, S_A1, S_A2 (B, B) of the outputs of `encode`."""
+        return {name: self.similarity(name, encoded) for name in SIMILARITIES}
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each similarity's MSB term: 1 for S_P, the option values for S_A1, S_A2."""
