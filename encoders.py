@@ -9,7 +9,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 L2_EPS = 1e-8
-SIMILARITIES = ("P", "A1", "A2")  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
+SIMILARITIES = ("P", "A1", "A2")
+# Devices whose single-layer GRU runs on the padded batch instead of packed sequences: on CPU the
+# packed backward zero-fills a full-size gradient at every time step (1.7x slower, same numbers).
+UNPACKED_GRU_DEVICES = ("cpu",)  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = L2_EPS) -> torch.Tensor:
@@ -47,12 +50,41 @@ class TextEncoder(nn.Module):
 
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """captions (B, L) token ids, lengths (B,) -> word vectors (B, max(lengths), embed_size)."""
-        packed = pack_padded_sequence(self.embed(captions), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        words, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
-        if self.bi_gru:  # average the two directions, as the released code does
-            words = (words[..., :self.embed_size] + words[..., self.embed_size:]) / 2
+        embedded = self.embed(captions[:, :int(lengths.max())])
+        if self.rnn.num_layers == 1 and embedded.device.type in UNPACKED_GRU_DEVICES:
+            directions = self._unpacked_directions(embedded, lengths.to(embedded.device))
+        else:
+            packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            words, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+            directions = words.split(self.embed_size, dim=-1)
+        # average the two directions, as the released code does
+        words = (directions[0] + directions[1]) / 2 if self.bi_gru else directions[0]
         return l2norm(words)
+
+    def _unpacked_directions(self, embedded: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Each GRU direction's outputs (B, L, embed_size) as packed sequences give them: zero at padding.
+
+        The forward direction runs on the padded batch (padding comes after every true word); the
+        backward direction runs forward over each caption reversed within its own length.
+        """
+        batch, length, _ = embedded.shape
+        positions = torch.arange(length, device=embedded.device)
+        true_words = (positions[None, :] < lengths[:, None])[..., None]
+        start = embedded.new_zeros(1, batch, self.embed_size)
+        directions = [self._one_direction(embedded, start, "")]
+        if self.bi_gru:
+            within = torch.where(true_words[..., 0], lengths[:, None] - 1 - positions[None, :], positions[None, :])
+            rows = (within + length * torch.arange(batch, device=embedded.device)[:, None]).reshape(-1)
+
+            def reverse(x: torch.Tensor) -> torch.Tensor:
+                return x.reshape(batch * length, -1).index_select(0, rows).view(batch, length, -1)
+            directions.append(reverse(self._one_direction(reverse(embedded), start, "_reverse")))
+        return [d * true_words for d in directions]
+
+    def _one_direction(self, inputs: torch.Tensor, start: torch.Tensor, suffix: str) -> torch.Tensor:
+        """Outputs of one direction of the (single-layer) GRU run forward over inputs (B, L, word_dim)."""
+        weights = [getattr(self.rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return torch._VF.gru(inputs, start, weights, True, 1, 0.0, self.training, False, True)[0]
 
 
 def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_mean") -> torch.Tensor:

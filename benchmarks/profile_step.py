@@ -5,8 +5,9 @@
     python -m benchmarks.profile_step --kinds local --steps 10 --threads 2
     python -m benchmarks.profile_step --compare         also time the previous implementation
 
---compare alternates rounds of the current code and the previous one (tests/reference_local.py,
-the local attention through autograd ops) in the same process and prints before / after medians.
+--compare alternates rounds of the current code and the previous one (tests/reference_previous.py:
+the local attention through autograd ops, the GRU on packed sequences) in the same process and
+prints before / after medians.
 
 Each part is timed by wall clock and by this process's CPU time (the stable figure on a shared
 machine); the table gives medians over the timed steps. The backward pass is split into the part
@@ -165,14 +166,14 @@ def profile_evaluation(kind: str, shape: Shape, model: nn.Module | None = None) 
 
 def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) -> None:
     """Before / after CPU medians of the step (alternating rounds) and of one dev evaluation."""
-    from tests.reference_local import previous_local_attention
+    from tests.reference_previous import previous_implementation
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(rounds):
-        with previous_local_attention():
+        with previous_implementation():
             runs["before"].append(profile_training(kind, shape, steps))
         runs["after"].append(profile_training(kind, shape, steps))
     if evaluate:
-        with previous_local_attention():
+        with previous_implementation():
             runs["before"][0].update(profile_evaluation(kind, shape))
         runs["after"][0].update(profile_evaluation(kind, shape))
     print(f"\n{kind} before / after, CPU ms (median of {rounds} rounds of {steps} steps)")

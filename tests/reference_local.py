@@ -4,13 +4,10 @@ Slow on purpose; the batched model_local code is checked against it and benchmar
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import model_local
 from encoders import l2norm
 
 COSINE_EPS = 1e-8
@@ -106,16 +103,3 @@ def reference_attention_weights(query: torch.Tensor, context: torch.Tensor, raw_
             weights[l, k] = exps[k] / sum(exps)
     return weights
 
-
-@contextmanager
-def previous_local_attention():
-    """model_local as it was before the hand-written backward: every norm through autograd ops.
-
-    The equality test of a whole epoch and the speed benchmark compare against it.
-    """
-    saved = model_local._attend
-    model_local._attend = model_local.attend_autograd
-    try:
-        yield
-    finally:
-        model_local._attend = saved
