@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
+import threads
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
@@ -345,8 +346,8 @@ def main(kind: str, argv: list[str] | None = None) -> float:
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     if trainer.dist.is_main:
         print(f"{kind}-level subnetwork on {trainer.device}{processes}: train {trainer.train_set.describe()}, "
-              f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}",
-              flush=True)
+              f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}; "
+              f"{threads.describe()}", flush=True)
     try:
         return trainer.fit()
     except RuntimeError as err:
