@@ -142,15 +142,18 @@ class _L2Attention(torch.autograd.Function):
         query_weight = query_mask.to(raw.dtype)
         scores = F.leaky_relu(raw, LEAKY_SLOPE) if clipped else raw
         # Released-code L2 over the true l: padded scores are exactly 0 and get no eps.
-        scale = lambda_softmax / torch.linalg.vector_norm(scores + L2_EPS * query_weight, dim=-1, keepdim=True)
-        weights = (scores * scale).exp_()
+        spare = scores + L2_EPS * query_weight
+        scale = lambda_softmax / torch.linalg.vector_norm(spare, dim=-1, keepdim=True)
+        weights = (scores.mul_(scale) if clipped else raw * scale).exp_()  # backward recomputes scores
         if not bool(context_mask.all()):
             weights.mul_(context_mask.to(raw.dtype)[:, :, None, None])
         weights.div_(weights.sum(dim=1, keepdim=True))  # softmax over the context fragments k
         n_ctx, ctx_len = weights.shape[:2]
         gram_weights = torch.bmm(gram, weights.view(n_ctx, ctx_len, -1)).view_as(weights)
-        query_dot_attended = torch.linalg.vecdot(weights, raw, dim=1).unsqueeze(1)
-        attended_sq_norm = torch.linalg.vecdot(weights, gram_weights, dim=1).unsqueeze(1)
+        query_dot_attended = torch.mul(weights, raw, out=spare).sum(dim=1, keepdim=True)
+        backward_needs = any(ctx.needs_input_grad)  # gram_weights is kept for the backward
+        products = torch.mul(weights, gram_weights, out=spare) if backward_needs else gram_weights.mul_(weights)
+        attended_sq_norm = products.sum(dim=1, keepdim=True)
         out, norm_product = _mean_cosine(query_dot_attended, attended_sq_norm, query_sq_norms, query_mask)
         ctx.save_for_backward(raw, gram_weights, weights, scale, query_sq_norms, query_weight,
                               query_dot_attended, attended_sq_norm, norm_product)
@@ -306,16 +309,22 @@ class LocalModel(TwoBranchModel):
 
     def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
                            text_lengths: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-        """S_P (N_img, N_txt) from encode_primary outputs, in chunk x chunk blocks of pairs."""
+        """S_P (N_img, N_txt) from encode_primary outputs, in chunk x chunk blocks of pairs.
+
+        Captions are scored in blocks of similar length (each block is trimmed to its longest caption,
+        so little padding is scored); the columns come back in caption order.
+        """
         image_lengths = _block_lengths(images)
         text_lengths = text_lengths.to(texts.device)
-        row_blocks = []
-        for r in range(0, images.size(0), chunk):
-            row_blocks.append(torch.cat([
-                self._paired(images[r:r + chunk], image_lengths[r:r + chunk],
-                             texts[c:c + chunk], text_lengths[c:c + chunk])
-                for c in range(0, texts.size(0), chunk)], dim=1))
-        return torch.cat(row_blocks, dim=0)
+        by_length = torch.argsort(text_lengths, stable=True)
+        sims = images.new_empty(images.size(0), texts.size(0))
+        for c in range(0, texts.size(0), chunk):
+            columns = by_length[c:c + chunk]
+            block_texts, block_lengths = texts.index_select(0, columns), text_lengths.index_select(0, columns)
+            sims[:, columns] = torch.cat([
+                self._paired(images[r:r + chunk], image_lengths[r:r + chunk], block_texts, block_lengths)
+                for r in range(0, images.size(0), chunk)])
+        return sims
 
     def gallery_fragments(self, images: torch.Tensor, texts: torch.Tensor,
                           text_lengths: torch.Tensor) -> tuple[Fragments, Fragments]:

@@ -1,23 +1,28 @@
 """The code paths used before the CPU speed work, switched back on to compare numbers and speed.
 
 Before it, the local attention ran through autograd tensor ops for every score norm (now the L2 norms
-have a hand-written backward) and the text encoders' GRU always ran on packed sequences (now it runs
-on the padded batch on CPU). Both old paths are still the code's own general paths, so nothing is copied.
+have a hand-written backward), the text encoders' GRU always ran on packed sequences (now it runs on
+the padded batch on CPU) and Adam was torch's default (now its fused kernel). The old attention and
+GRU paths are still the code's own general paths, so nothing is copied.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 import encoders
 import model_local
+import trainer
 
 
 @contextmanager
 def previous_implementation():
     """Within the block, the models compute as they did before (same numbers, old speed)."""
-    saved = model_local._attend, encoders.UNPACKED_GRU_DEVICES
+    saved = model_local._attend, encoders.UNPACKED_GRU_DEVICES, trainer.adam
     model_local._attend, encoders.UNPACKED_GRU_DEVICES = model_local.attend_autograd, ()
+    trainer.adam = lambda parameters, lr: torch.optim.Adam(parameters, lr=lr)
     try:
         yield
     finally:
-        model_local._attend, encoders.UNPACKED_GRU_DEVICES = saved
+        model_local._attend, encoders.UNPACKED_GRU_DEVICES, trainer.adam = saved
