@@ -23,6 +23,9 @@ LEAKY_SLOPE = 0.1
 # Elements of one (slice, Lc, nQ, Lq) score tensor: large enough for efficient matmuls, small
 # enough to stay in cache and to reuse freed memory instead of page-faulting fresh memory.
 SLICE_ELEMENTS = 1 << 20
+# Columns (captions) scored together in paired_attention, in length order: few enough that a group's
+# longest caption is close to its others, enough for efficient matmuls.
+COLUMN_GROUP = 16
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -173,17 +176,20 @@ class _L2Attention(torch.autograd.Function):
         # dL/dw_kl = grad_dot_l raw_kl + 2 grad_att_sq_l (G w)_kl; its w-weighted sum over k is built from
         # dot_l and att_sq_l, so the softmax backward needs no extra reduction over k.
         weighted_sum = grad_dot * dot + 2 * grad_att_sq * att_sq
-        grad_logits = torch.addcmul(raw * grad_dot, gram_weights, 2 * grad_att_sq).sub_(weighted_sum).mul_(weights)
         n_ctx, ctx_len = weights.shape[:2]
         flat = weights.view(n_ctx, ctx_len, -1)
         grad_gram = torch.bmm(flat * grad_att_sq.reshape(n_ctx, 1, -1), flat.transpose(1, 2))
+        # gram_weights is not needed again: the logits' gradient is built in its buffer.
+        grad_logits = gram_weights.mul_(2 * grad_att_sq).addcmul_(raw, grad_dot).sub_(weighted_sum).mul_(weights)
         # logits_kl = lambda h_kl / n_k with n_k = |h_k + eps m|: back through the norm over l.
         scores = F.leaky_relu(raw, LEAKY_SLOPE) if ctx.clipped else raw
-        along_norm = (grad_logits * scores).sum(dim=-1, keepdim=True) * scale.pow(2) / ctx.lambda_softmax ** 2
-        shifted = scores + L2_EPS * query_weight
+        spare = grad_logits * scores
+        along_norm = spare.sum(dim=-1, keepdim=True).mul_(scale.pow(2) / ctx.lambda_softmax ** 2)
+        shifted = torch.add(scores, L2_EPS * query_weight, out=scores if ctx.clipped else spare)
         grad_scores = grad_logits.sub_(shifted.mul_(along_norm)).mul_(scale)
         if ctx.clipped:
-            grad_scores = torch.ops.aten.leaky_relu_backward(grad_scores, raw, LEAKY_SLOPE, False)
+            grad_scores = torch.ops.aten.leaky_relu_backward.grad_input(grad_scores, raw, LEAKY_SLOPE, False,
+                                                                        grad_input=spare)
         grad_raw = grad_scores.addcmul_(weights, grad_dot)  # raw also enters dot_l directly
         return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
 
@@ -212,7 +218,19 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     With rows = image blocks and cols = words this is t2i + i2t; with rows = CNN blocks and
     cols = BoVW blocks it is S_A2. Both directions share the raw scores of each slice of rows.
     """
-    rows, cols = Fragments.of(rows, row_lengths), Fragments.of(cols, col_lengths)
+    rows = Fragments.of(rows, row_lengths)
+    col_lengths = col_lengths.to(cols.device)
+    if bool((col_lengths == col_lengths[0]).all()):
+        return _paired_fragments(rows, Fragments.of(cols, col_lengths), raw_feature_norm, lambda_softmax)
+    # Columns of similar length together: each group is trimmed to its longest, so little padding is scored.
+    by_length = torch.argsort(col_lengths, stable=True)
+    groups = [_paired_fragments(rows, Fragments.of(cols.index_select(0, g), col_lengths.index_select(0, g)),
+                                raw_feature_norm, lambda_softmax) for g in by_length.split(COLUMN_GROUP)]
+    return torch.cat(groups, dim=1).index_select(1, torch.argsort(by_length))
+
+
+def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
+    """paired_attention of prepared fragments, in slices of rows."""
     step = _slice_size(rows, cols)
     cols_as_query, rows_as_query = [], []
     for r in range(0, len(rows), step):
@@ -309,22 +327,16 @@ class LocalModel(TwoBranchModel):
 
     def primary_similarity(self, images: torch.Tensor, texts: torch.Tensor,
                            text_lengths: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-        """S_P (N_img, N_txt) from encode_primary outputs, in chunk x chunk blocks of pairs.
-
-        Captions are scored in blocks of similar length (each block is trimmed to its longest caption,
-        so little padding is scored); the columns come back in caption order.
-        """
+        """S_P (N_img, N_txt) from encode_primary outputs, in chunk x chunk blocks of pairs."""
         image_lengths = _block_lengths(images)
         text_lengths = text_lengths.to(texts.device)
-        by_length = torch.argsort(text_lengths, stable=True)
-        sims = images.new_empty(images.size(0), texts.size(0))
-        for c in range(0, texts.size(0), chunk):
-            columns = by_length[c:c + chunk]
-            block_texts, block_lengths = texts.index_select(0, columns), text_lengths.index_select(0, columns)
-            sims[:, columns] = torch.cat([
-                self._paired(images[r:r + chunk], image_lengths[r:r + chunk], block_texts, block_lengths)
-                for r in range(0, images.size(0), chunk)])
-        return sims
+        row_blocks = []
+        for r in range(0, images.size(0), chunk):
+            row_blocks.append(torch.cat([
+                self._paired(images[r:r + chunk], image_lengths[r:r + chunk],
+                             texts[c:c + chunk], text_lengths[c:c + chunk])
+                for c in range(0, texts.size(0), chunk)], dim=1))
+        return torch.cat(row_blocks, dim=0)
 
     def gallery_fragments(self, images: torch.Tensor, texts: torch.Tensor,
                           text_lengths: torch.Tensor) -> tuple[Fragments, Fragments]:
