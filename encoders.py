@@ -9,14 +9,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 L2_EPS = 1e-8
-SIMILARITIES = ("P", "A1", "A2")
+SIMILARITIES = ("P", "A1", "A2")  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
 # Devices whose single-layer GRU may run on the padded batch instead of packed sequences: on CPU the
 # packed backward zero-fills a full-size gradient at each of the L time steps, a cost that grows with
 # L relative to the GRU's own work (which grows with the hidden size). Same numbers either way.
 UNPACKED_GRU_DEVICES = ("cpu",)
 # Padded when L * UNPACK_LENGTH_RATIO >= hidden size: measured 1.7x faster at L = 22, hidden 128
 # (RSICD), about 10% slower at L = 9, hidden 1024 (the paper's Corel keywords).
-UNPACK_LENGTH_RATIO = 32  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
+UNPACK_LENGTH_RATIO = 32
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = L2_EPS) -> torch.Tensor:
