@@ -184,12 +184,27 @@ def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) ->
         with previous_implementation():
             runs["before"][0].update(profile_evaluation(kind, shape))
         runs["after"][0].update(profile_evaluation(kind, shape))
+    floors = {"before": [], "after": []}
+    for _ in range(rounds):
+        with previous_implementation():
+            floors["before"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
+        floors["after"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
     print(f"\n{kind} before / after, CPU ms (median of {rounds} rounds of {steps} steps)")
     print(f"  {'part':<44} {'before':>9} {'after':>9} {'ratio':>6}")
+    medians = {}
     for label in runs["after"][0]:
         before = statistics.median(r[label][1] for r in runs["before"] if label in r)
         after = statistics.median(r[label][1] for r in runs["after"] if label in r)
+        medians[label] = {"before": before, "after": after}
         print(f"  {label:<44} {1e3 * before:9.1f} {1e3 * after:9.1f} {before / max(after, 1e-9):6.2f}")
+    for when in ("before", "after"):
+        step = medians["whole step"][when]
+        epoch = shape.train_steps() * (step + medians["batch assembly (collate)"][when])
+        evaluation = (f", dev evaluation {100 * medians['whole evaluation'][when] / epoch:.1f}% of it"
+                      if "whole evaluation" in medians else "")
+        print(f"  {when}: step / encoder floor {step / statistics.median(floors[when]):.2f}x "
+              f"(floor {1e3 * statistics.median(floors[when]):.1f} ms); epoch of {shape.train_steps()} "
+              f"steps {epoch:.0f} CPU s{evaluation}")
 
 
 def print_table(title: str, parts: dict[str, tuple[float, float]], whole: str) -> None:
