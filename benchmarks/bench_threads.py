@@ -34,7 +34,7 @@ CONFIGS = {
 
 
 def child(kind: str, data_flags: list[str], run_dir: str) -> None:
-    """Train one epoch of the prepared split and print its wall and CPU seconds as one JSON line."""
+    """Train one epoch of the prepared split; its wall and CPU seconds go to run_dir/result_<rank>.json."""
     import torch
 
     import threads
@@ -46,15 +46,16 @@ def child(kind: str, data_flags: list[str], run_dir: str) -> None:
     try:
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.train_epoch()
-        print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
-                          "steps": trainer.step, "rank": trainer.dist.rank, "threads": threads.describe(),
-                          "torch_threads": torch.get_num_threads()}), flush=True)
+        result = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "steps": trainer.step,
+                  "threads": threads.describe(), "torch_threads": torch.get_num_threads()}
+        with open(os.path.join(run_dir, f"result_{trainer.dist.rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f)
     finally:
         trainer.release()
 
 
 def launch(kind: str, config: tuple, data_flags: list[str], root: str, name: str) -> list[dict]:
-    """Start the configuration's processes together; the JSON line of each."""
+    """Start the configuration's processes together; the result of each."""
     processes, threads_each, policy, torchrun = config
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env.update({"OMP_NUM_THREADS": str(threads_each), "MKL_NUM_THREADS": str(threads_each)})
@@ -63,19 +64,23 @@ def launch(kind: str, config: tuple, data_flags: list[str], root: str, name: str
     module = ["-m", "benchmarks.bench_threads", "--child", kind, "--data", json.dumps(data_flags)]
     tag = name.replace(" ", "_").replace(",", "")
     if torchrun:
+        run_dirs = [os.path.join(root, f"{kind}_{tag}")]
         commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                     str(processes), *module, "--run_dir", os.path.join(root, f"{kind}_{tag}")]]
+                     str(processes), *module, "--run_dir", run_dirs[0]]]
     else:
-        commands = [[sys.executable, *module, "--run_dir", os.path.join(root, f"{kind}_{tag}_{i}")]
-                    for i in range(processes)]
+        run_dirs = [os.path.join(root, f"{kind}_{tag}_{i}") for i in range(processes)]
+        commands = [[sys.executable, *module, "--run_dir", run_dir] for run_dir in run_dirs]
     running = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for c in commands]
-    results = []
     for process in running:
-        out, err = process.communicate()
+        _, err = process.communicate()
         if process.returncode:
             raise RuntimeError(f"{name} ({kind}) failed:\n{err[-2000:]}")
-        results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    results = []
+    for run_dir in run_dirs:
+        for file in sorted(f for f in os.listdir(run_dir) if f.startswith("result_")):
+            with open(os.path.join(run_dir, file), encoding="utf-8") as f:
+                results.append(json.load(f))
     return results
 
 
