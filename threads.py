@@ -20,5 +20,5 @@ def passive_wait_policy() -> None:
 def describe() -> str:
     """'2 torch threads (OMP_WAIT_POLICY=PASSIVE)': what this process computes with."""
     import torch
-    count = torch.get_num_threads()
-    return f"{count} torch thread{'s' if count > 1 else ''} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
+    count, policy = torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset")
+    return f"{count} torch thread{'s' if count > 1 else ''} (OMP_WAIT_POLICY={policy})"

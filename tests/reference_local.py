@@ -102,4 +102,3 @@ def reference_attention_weights(query: torch.Tensor, context: torch.Tensor, raw_
         for k in range(context.size(0)):
             weights[l, k] = exps[k] / sum(exps)
     return weights
-

@@ -1,9 +1,10 @@
 """The code paths used before the CPU speed work, switched back on to compare numbers and speed.
 
 Before it, the local attention ran through autograd tensor ops for every score norm (now the L2 norms
-have a hand-written backward and captions are scored in groups of similar length), the text encoders' GRU always ran on packed sequences (now it runs on
-the padded batch on CPU) and Adam was torch's default (now its fused kernel). The old attention and
-GRU paths are still the code's own general paths, so nothing is copied.
+have a hand-written backward) on all captions of a batch at once (now in groups of similar length), the
+text encoders' GRU always ran on packed sequences (now on the padded batch on CPU when that is faster)
+and Adam was torch's default (now its fused kernel). The old attention and GRU paths are still the code's
+own general paths, so nothing is copied.
 """
 from __future__ import annotations
 
