@@ -15,17 +15,17 @@ class GlobalModel(TwoBranchModel):
     def _caption_vectors(self, encoder, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return pool_words(encoder(captions, lengths), lengths, self.opt["text_pooling"])
 
-    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 of a batch, each (B, B), rows images.
+    def similarity(self, name: str, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """S_P, S_A1 or S_A2 (B, B) of a batch, rows images.
 
         Captions are pooled here, on the whole batch, so padded_mean divides by the batch's longest
         caption even when the batch was gathered from several processes.
         """
         lengths, pooling = encoded["lengths"], self.opt["text_pooling"]
-        c, b = encoded["cnn"], encoded["bovw"]
-        t_c = pool_words(encoded["cnn_words"], lengths, pooling)
-        t_b = pool_words(encoded["bovw_words"], lengths, pooling)
-        return {"P": c @ t_c.T, "A1": b @ t_b.T, "A2": c @ b.T}
+        if name == "A2":
+            return encoded["cnn"] @ encoded["bovw"].T
+        image, words = ("cnn", "cnn_words") if name == "P" else ("bovw", "bovw_words")
+        return encoded[image] @ pool_words(encoded[words], lengths, pooling).T
 
     def encode_primary_texts(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CNN-branch caption vectors (B, d) used for retrieval (pooled over the batch as in training)."""

@@ -18,11 +18,15 @@ import torch.nn.functional as F
 from encoders import L2_EPS, TwoBranchModel
 
 ATTENTION_NORMS = ("clipped_l2norm", "l2norm", "softmax", "no_norm")
+L2_NORMS = ("clipped_l2norm", "l2norm")
 COSINE_EPS = 1e-8
 LEAKY_SLOPE = 0.1
 # Elements of one (slice, Lc, nQ, Lq) score tensor: large enough for efficient matmuls, small
 # enough to stay in cache and to reuse freed memory instead of page-faulting fresh memory.
 SLICE_ELEMENTS = 1 << 20
+# Columns (captions) scored together in paired_attention, in length order: few enough that a group's
+# longest caption is close to its others, enough for efficient matmuls.
+COLUMN_GROUP = 16
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -102,16 +106,94 @@ def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
     For aligned pairs (_attend_aligned) raw is (P, Lc, 1, Lq) and the query's mask and squared norms
     are (P, 1, 1, Lq), so every reduction below keeps the 4-d layout until the end.
     """
+    if norm in L2_NORMS:
+        return _L2Attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
+                                  norm == "clipped_l2norm", lambda_softmax)
+    return attend_autograd(raw, context, query, norm, lambda_softmax)
+
+
+def attend_autograd(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
+                    lambda_softmax: float) -> torch.Tensor:
+    """_attend for every norm, written as tensor ops for autograd (the L2 norms' plain form)."""
     logits = _attention_logits(raw, query.mask, context.mask, norm, lambda_softmax)
     weights = logits.softmax(dim=1)  # over the context fragments k
     query_dot_attended = (weights * raw).sum(dim=1, keepdim=True)  # (nC, 1, nQ, Lq)
     n_ctx, ctx_len, _, _ = weights.shape
     gram_weights = torch.bmm(context.gram, weights.reshape(n_ctx, ctx_len, -1)).view_as(weights)
     attended_sq_norm = (weights * gram_weights).sum(dim=1, keepdim=True)
+    return _mean_cosine(query_dot_attended, attended_sq_norm, query.sq_norms, query.mask)[0]
+
+
+def _mean_cosine(query_dot_attended: torch.Tensor, attended_sq_norm: torch.Tensor, query_sq_norms: torch.Tensor,
+                 query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the true l of cos(Q_l, v_l), as (nC, nQ), and the clamped |Q_l||v_l| (nC, 1, nQ, Lq)."""
     # max(|Q||v|, eps) written as sqrt(max(|Q|^2 |v|^2, eps^2)): no sqrt of a bare |v|^2.
-    norm_product = (query.sq_norms * attended_sq_norm).clamp_min(COSINE_EPS ** 2).sqrt()
-    cosines = query_dot_attended / norm_product * query.mask.to(raw.dtype)
-    return (cosines.sum(dim=-1) / query.mask.sum(dim=-1).to(raw.dtype)).squeeze(1)
+    norm_product = (query_sq_norms * attended_sq_norm).clamp_min(COSINE_EPS ** 2).sqrt()
+    cosines = query_dot_attended / norm_product * query_mask.to(norm_product.dtype)
+    return (cosines.sum(dim=-1) / query_mask.sum(dim=-1).to(norm_product.dtype)).squeeze(1), norm_product
+
+
+class _L2Attention(torch.autograd.Function):
+    """_attend for the L2 score norms, with a hand-written backward (docs/METHOD.md section 4).
+
+    Same formula as the autograd path, fewer passes over the (nC, Lc, nQ, Lq) tensors: the logits
+    lambda * h_kl / |h_k + eps| lie in [-lambda, lambda], so the softmax needs no max shift; the
+    softmax backward's sum_k w_kl dw_kl is rebuilt from the small per-l sums already at hand; and only
+    raw, the weights and G w are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, raw, gram, query_sq_norms, query_mask, context_mask, clipped: bool, lambda_softmax: float):
+        query_weight = query_mask.to(raw.dtype)
+        scores = F.leaky_relu(raw, LEAKY_SLOPE) if clipped else raw
+        # Released-code L2 over the true l: padded scores are exactly 0 and get no eps.
+        spare = scores + L2_EPS * query_weight
+        scale = lambda_softmax / torch.linalg.vector_norm(spare, dim=-1, keepdim=True)
+        weights = (scores.mul_(scale) if clipped else raw * scale).exp_()  # backward recomputes scores
+        if not bool(context_mask.all()):
+            weights.mul_(context_mask.to(raw.dtype)[:, :, None, None])
+        weights.div_(weights.sum(dim=1, keepdim=True))  # softmax over the context fragments k
+        n_ctx, ctx_len = weights.shape[:2]
+        gram_weights = torch.bmm(gram, weights.view(n_ctx, ctx_len, -1)).view_as(weights)
+        query_dot_attended = torch.mul(weights, raw, out=spare).sum(dim=1, keepdim=True)
+        backward_needs = any(ctx.needs_input_grad)  # gram_weights is kept for the backward
+        products = torch.mul(weights, gram_weights, out=spare) if backward_needs else gram_weights.mul_(weights)
+        attended_sq_norm = products.sum(dim=1, keepdim=True)
+        out, norm_product = _mean_cosine(query_dot_attended, attended_sq_norm, query_sq_norms, query_mask)
+        ctx.save_for_backward(raw, gram_weights, weights, scale, query_sq_norms, query_weight,
+                              query_dot_attended, attended_sq_norm, norm_product)
+        ctx.clipped, ctx.lambda_softmax = clipped, lambda_softmax
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raw, gram_weights, weights, scale, sq_norms, query_weight, dot, att_sq, norm_product = ctx.saved_tensors
+        # cos_l = dot_l / sqrt(max(|Q_l|^2 att_sq_l, eps^2)), averaged over the true l.
+        grad_cos = grad_out[:, None, :, None] * query_weight / query_weight.sum(dim=-1, keepdim=True)
+        grad_dot = grad_cos / norm_product
+        inside = (sq_norms * att_sq > COSINE_EPS ** 2).to(raw.dtype)
+        grad_product_sq = -grad_cos * dot / norm_product.pow(3) / 2 * inside  # d / d(|Q|^2 |v|^2)
+        grad_sq_norms = (grad_product_sq * att_sq).sum_to_size(sq_norms.shape)
+        grad_att_sq = grad_product_sq * sq_norms
+        # dL/dw_kl = grad_dot_l raw_kl + 2 grad_att_sq_l (G w)_kl; its w-weighted sum over k is built from
+        # dot_l and att_sq_l, so the softmax backward needs no extra reduction over k.
+        weighted_sum = grad_dot * dot + 2 * grad_att_sq * att_sq
+        n_ctx, ctx_len = weights.shape[:2]
+        flat = weights.view(n_ctx, ctx_len, -1)
+        grad_gram = torch.bmm(flat * grad_att_sq.reshape(n_ctx, 1, -1), flat.transpose(1, 2))
+        # gram_weights is not needed again: the logits' gradient is built in its buffer.
+        grad_logits = gram_weights.mul_(2 * grad_att_sq).addcmul_(raw, grad_dot).sub_(weighted_sum).mul_(weights)
+        # logits_kl = lambda h_kl / n_k with n_k = |h_k + eps m|: back through the norm over l.
+        scores = F.leaky_relu(raw, LEAKY_SLOPE) if ctx.clipped else raw
+        spare = grad_logits * scores
+        along_norm = spare.sum(dim=-1, keepdim=True).mul_(scale.pow(2) / ctx.lambda_softmax ** 2)
+        shifted = torch.add(scores, L2_EPS * query_weight, out=scores if ctx.clipped else spare)
+        grad_scores = grad_logits.sub_(shifted.mul_(along_norm)).mul_(scale)
+        if ctx.clipped:
+            grad_scores = torch.ops.aten.leaky_relu_backward.grad_input(grad_scores, raw, LEAKY_SLOPE, False,
+                                                                        grad_input=spare)
+        grad_raw = grad_scores.addcmul_(weights, grad_dot)  # raw also enters dot_l directly
+        return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
 
 
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
@@ -138,7 +220,19 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     With rows = image blocks and cols = words this is t2i + i2t; with rows = CNN blocks and
     cols = BoVW blocks it is S_A2. Both directions share the raw scores of each slice of rows.
     """
-    rows, cols = Fragments.of(rows, row_lengths), Fragments.of(cols, col_lengths)
+    rows = Fragments.of(rows, row_lengths)
+    col_lengths = col_lengths.to(cols.device)
+    if bool((col_lengths == col_lengths[0]).all()):
+        return _paired_fragments(rows, Fragments.of(cols, col_lengths), raw_feature_norm, lambda_softmax)
+    # Columns of similar length together: each group is trimmed to its longest, so little padding is scored.
+    by_length = torch.argsort(col_lengths, stable=True)
+    groups = [_paired_fragments(rows, Fragments.of(cols.index_select(0, g), col_lengths.index_select(0, g)),
+                                raw_feature_norm, lambda_softmax) for g in by_length.split(COLUMN_GROUP)]
+    return torch.cat(groups, dim=1).index_select(1, torch.argsort(by_length))
+
+
+def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
+    """paired_attention of prepared fragments, in slices of rows."""
     step = _slice_size(rows, cols)
     cols_as_query, rows_as_query = [], []
     for r in range(0, len(rows), step):
@@ -220,15 +314,14 @@ class LocalModel(TwoBranchModel):
         return paired_attention(rows, row_lengths, cols, col_lengths, self.raw_feature_norm,
                                 self.lambda_softmax)
 
-    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 (B, B) of block embeddings (B, 9, d) and padded word vectors (B, L, d)."""
-        cnn_blocks, bovw_blocks, lengths = encoded["cnn"], encoded["bovw"], encoded["lengths"]
-        block_lengths = _block_lengths(cnn_blocks)
-        return {
-            "P": self._paired(cnn_blocks, block_lengths, encoded["cnn_words"], lengths),
-            "A1": self._paired(bovw_blocks, block_lengths, encoded["bovw_words"], lengths),
-            "A2": self._paired(cnn_blocks, block_lengths, bovw_blocks, block_lengths),
-        }
+    def similarity(self, name: str, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """S_P, S_A1 or S_A2 (B, B) of block embeddings (B, 9, d) and padded word vectors (B, L, d)."""
+        blocks = encoded["bovw"] if name == "A1" else encoded["cnn"]
+        block_lengths = _block_lengths(blocks)
+        if name == "A2":
+            return self._paired(blocks, block_lengths, encoded["bovw"], block_lengths)
+        words = encoded["bovw_words"] if name == "A1" else encoded["cnn_words"]
+        return self._paired(blocks, block_lengths, words, encoded["lengths"])
 
     def encode_primary_texts(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CNN-branch word vectors (B, L, d) used for retrieval."""

@@ -20,18 +20,22 @@ import os
 import statistics
 import time
 
-import torch
+import threads
 
-import dev_curves
-import evaluate
-import trainer
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, report_errors
-from files import atomic_write_bytes, check_writable
-from models import build_model
-from options import changed_options, parse_options
-from published import published_rows
-from vocab import build_vocab, load_vocab, save_vocab, vocab_file
+threads.passive_wait_policy()  # before torch is imported
+
+import torch  # noqa: E402
+
+import dev_curves  # noqa: E402
+import evaluate  # noqa: E402
+import trainer  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from errors import InputError, report_errors  # noqa: E402
+from files import atomic_write_bytes, check_writable  # noqa: E402
+from models import build_model  # noqa: E402
+from options import changed_options, parse_options  # noqa: E402
+from published import published_rows  # noqa: E402
+from vocab import build_vocab, load_vocab, save_vocab, vocab_file  # noqa: E402
 
 AUX_WEIGHTS = {"global": ("alpha_1", "alpha_2"), "local": ("beta_1", "beta_2")}
 # training variant -> (what it is, flags after the pass-through ones; noaux's come from AUX_WEIGHTS)

@@ -1,6 +1,10 @@
 """Train the global-level subnetwork of M2HSE: `python train_global.py --help` lists the flags."""
-from errors import report_errors
-from trainer import main
+import threads
+
+threads.passive_wait_policy()  # before torch is imported
+
+from errors import report_errors  # noqa: E402
+from trainer import main  # noqa: E402
 
 if __name__ == "__main__":
     report_errors(main)("global")

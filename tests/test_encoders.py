@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import encoders
 from encoders import TextEncoder, VisualEncoder, l2norm, pool_words
 from tests.references import l2norm_reference, pool_words_reference, text_encoder_reference
 
@@ -145,6 +146,24 @@ def test_unidirectional_is_forward_only():
     out = enc(caps, torch.tensor(LENGTHS))
     for i, n in enumerate(LENGTHS):
         assert torch.allclose(out[i, :n], text_encoder_reference(enc, caps[i, :n]), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("bi_gru", [True, False])
+def test_unpacked_gru_gives_the_values_and_grads_of_packed_sequences(bi_gru, monkeypatch):
+    enc = text_encoder(bi_gru=bi_gru, seed=5)
+    caps, lengths = make_captions(LENGTHS, 5, width=9, pad_value=None), torch.tensor(LENGTHS)
+    projection = torch.randn(len(LENGTHS), max(LENGTHS), EMBED, generator=torch.Generator().manual_seed(6),
+                             dtype=torch.float64)
+
+    def values_and_grads():
+        out = enc(caps, lengths)
+        return [out.detach()] + list(torch.autograd.grad((out * projection).sum(), list(enc.parameters())))
+    unpacked = values_and_grads()
+    monkeypatch.setattr(encoders, "UNPACKED_GRU_DEVICES", ())
+    packed = values_and_grads()
+    assert unpacked[0].abs().sum() > 0 and all(g.abs().sum() > 0 for g in packed[1:])
+    for fast, slow in zip(unpacked, packed):
+        assert torch.allclose(fast, slow, atol=1e-12, rtol=0)
 
 
 # --- pooling --------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 import model_local
 from loss import msb_loss
 from model_local import ATTENTION_NORMS, LocalModel, cross_attention, paired_attention, text_to_image_attention
-from tests.reference_local import reference_attention_weights, reference_cross_attention, reference_forward
+from tests.reference_local import (reference_attention_weights, reference_cross_attention, reference_forward,
+                                   reference_text_image)
 
 TOL = 1e-6
 CAPTION_LENGTHS = [3, 8, 5, 6, 4]
@@ -90,6 +91,20 @@ def test_slicing_does_not_change_values_or_grads(slice_elements: int, monkeypatc
     assert_close(sliced, whole, 1e-12)
     for sliced_grad, whole_grad in zip(sliced_grads, whole_grads):
         assert_close(sliced_grad, whole_grad, 1e-12)
+
+
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+@pytest.mark.parametrize("column_group", [1, 2, 3])
+def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, monkeypatch) -> None:
+    (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
+    monkeypatch.setattr(model_local, "COLUMN_GROUP", column_group)
+    grouped, grouped_grads = values_and_grads(
+        lambda w, i: paired_attention(i, image_lengths, w, word_lengths, norm), [words_, images])
+    expected, expected_grads = values_and_grads(
+        lambda w, i: reference_text_image(i, w, word_lengths, norm), [words_, images])
+    assert_close(grouped, expected)
+    for grouped_grad, expected_grad in zip(grouped_grads, expected_grads):
+        assert_close(grouped_grad, expected_grad)
 
 
 def model_batch(seed: int = 0, dtype: torch.dtype = torch.float64):

@@ -1,0 +1,253 @@
+"""Where the time of one training step and of one dev evaluation goes, part by part (CPU).
+
+    python -m benchmarks.profile_step                   RSICD sizes, both subnetworks, 1 thread
+    python -m benchmarks.profile_step --shape paper     the paper's Corel 5K sizes
+    python -m benchmarks.profile_step --kinds local --steps 10 --threads 2
+    python -m benchmarks.profile_step --compare         also time the previous implementation
+
+--compare alternates rounds of the current code and the previous one (tests/reference_previous.py:
+the local attention through autograd ops, the GRU on packed sequences) in the same process and
+prints before / after medians.
+
+Each part is timed by wall clock and by this process's CPU time (the stable figure on a shared
+machine); the table gives medians over the timed steps. The backward pass is split into the part
+through the similarities and the loss and the part through the encoders. "encoder floor" is a step
+with the similarities and the loss removed (the encoders' outputs summed instead): the step's cost
+with free attention.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
+from encoders import SIMILARITIES
+from loss import msb_loss
+from metrics import retrieval_metrics
+from models import build_model
+import trainer
+from scoring import encode_split
+
+SHAPES = {"rsicd": RSICD, "paper": PAPER}
+ROWS = ("whole step", "batch assembly (collate)", "forward: encoders", "  image encoders (FC + L2)",
+        "  word embedding", "  BiGRU (+ direction mean, L2)", "similarity S_P", "auxiliary S_A1, S_A2",
+        "MSB loss (3 terms)", "backward: similarities + loss", "backward: encoders", "grad clip + Adam",
+        "encoder floor (step without attention/loss)", "encode dev split", "score all pairs",
+        "mAP / recall (metrics)", "whole evaluation")
+
+
+class Clock:
+    """Wall and process-CPU seconds per label, accumulated within a step and kept per step."""
+
+    def __init__(self):
+        self.now: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.steps: list[dict[str, list[float]]] = []
+
+    @contextmanager
+    def part(self, label: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.now[label][0] += time.perf_counter() - wall
+            self.now[label][1] += time.process_time() - cpu
+
+    def end_step(self) -> None:
+        self.steps.append(dict(self.now))
+        self.now.clear()
+
+    def medians(self, skip: int = 1) -> dict[str, tuple[float, float]]:
+        """(wall, cpu) median seconds of each label over the steps after the first `skip` (warm-up)."""
+        kept = self.steps[skip:] or self.steps
+        return {label: (statistics.median(s.get(label, (0.0, 0.0))[0] for s in kept),
+                        statistics.median(s.get(label, (0.0, 0.0))[1] for s in kept))
+                for label in kept[0]}
+
+    def time_modules(self, modules: dict[str, nn.Module]) -> list:
+        """Time each module's forward under its label, through hooks; returns the hook handles."""
+        handles = []
+        for label, module in modules.items():
+            started: list[tuple[float, float]] = []
+
+            def start(m, args, started=started):
+                started.append((time.perf_counter(), time.process_time()))
+
+            def stop(m, args, out, label=label, started=started):
+                wall, cpu = started.pop()
+                self.now[label][0] += time.perf_counter() - wall
+                self.now[label][1] += time.process_time() - cpu
+            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+        return handles
+
+
+def encoder_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules timed inside the forward pass (a module's time includes its children's)."""
+    return {"image encoders (FC + L2)": model.img_cnn, "image encoders (FC + L2) ": model.img_bovw,
+            "word embedding": model.txt_cnn.embed, "word embedding ": model.txt_bovw.embed,
+            "text encoders (all)": model.txt_cnn, "text encoders (all) ": model.txt_bovw}
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, clock: Clock,
+                  floor: bool = False) -> None:
+    """One step as trainer.Trainer.train_step takes it, each part under its clock label."""
+    cnn, bovw, captions, lengths, labels, _ = batch
+    with clock.part("forward: encoders"):
+        encoded = model.encode(cnn, bovw, captions, lengths)
+    outputs = [value for value in encoded.values() if value.is_floating_point()]
+    if floor:
+        loss = sum(value.sum() for value in outputs)
+    else:
+        sims = {}
+        for name in SIMILARITIES:
+            with clock.part("similarity S_P" if name == "P" else "auxiliary S_A1, S_A2"):
+                sims[name] = model.similarity(name, encoded)
+        with clock.part("MSB loss (3 terms)"):
+            loss = sum(weight * msb_loss(sims[name], labels) for name, weight in model.loss_weights().items())
+    optimizer.zero_grad(set_to_none=True)
+    with clock.part("backward: similarities + loss"):
+        grads = torch.autograd.grad(loss, outputs)
+    with clock.part("backward: encoders"):
+        torch.autograd.backward(outputs, grads)
+    with clock.part("grad clip + Adam"):
+        nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+    clock.end_step()
+
+
+def profile_training(kind: str, shape: Shape, steps: int, floor: bool = False, model_cls=None) -> dict:
+    """Median seconds per part of `steps` training steps (after one warm-up) at the shape's sizes."""
+    torch.manual_seed(0)
+    model = (model_cls or (lambda o, v: build_model(kind, o, v)))(shape.opt(kind), shape.vocab_size)
+    optimizer = trainer.adam(model.parameters(), 2e-4)
+    train = in_memory_split(shape, kind, max(1, (steps + 1) * shape.batch_size // shape.captions_per_image) + 1)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    clock = Clock()
+    handles = clock.time_modules(encoder_parts(model))
+    model.train()
+    for step in range(steps + 1):
+        with clock.part("batch assembly (collate)"):
+            batch = batch_of(train, order[step * shape.batch_size:(step + 1) * shape.batch_size])
+        with clock.part("whole step"):
+            training_step(model, optimizer, batch, clock, floor)
+    for handle in handles:
+        handle.remove()
+    parts = merge_twins(clock.medians())
+    text, embedding = parts.pop("text encoders (all)"), parts["word embedding"]
+    parts["BiGRU (+ direction mean, L2)"] = (text[0] - embedding[0], text[1] - embedding[1])
+    return {label: parts[label.strip()] for label in ROWS if label.strip() in parts}
+
+
+def merge_twins(parts: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Add the CNN- and BoVW-branch timings kept under the same label (the second with a trailing space)."""
+    merged: dict[str, tuple[float, float]] = {}
+    for label, (wall, cpu) in parts.items():
+        key = label.rstrip()
+        old = merged.get(key, (0.0, 0.0))
+        merged[key] = (old[0] + wall, old[1] + cpu)
+    return merged
+
+
+def profile_evaluation(kind: str, shape: Shape, model: nn.Module | None = None) -> dict:
+    """Seconds of one dev evaluation (scoring.validate, split in its stages) at the shape's sizes."""
+    torch.manual_seed(0)
+    model = model or build_model(kind, shape.opt(kind), shape.vocab_size)
+    dev = in_memory_split(shape, kind, shape.dev_images, seed=1)
+    clock = Clock()
+    with clock.part("encode dev split"):
+        images, texts, lengths = encode_split(model, dev, shape.batch_size, torch.device("cpu"))
+    with clock.part("score all pairs"), torch.no_grad():
+        sims = model.primary_similarity(images, texts, lengths).double().numpy()
+    with clock.part("mAP / recall (metrics)"):
+        retrieval_metrics(sims, dev.labels.numpy(), dev.caption_labels.numpy())
+    clock.end_step()
+    parts = clock.medians(skip=0)
+    parts["whole evaluation"] = tuple(sum(p[i] for p in parts.values()) for i in (0, 1))
+    return parts
+
+
+def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) -> None:
+    """Before / after CPU medians of the step (alternating rounds) and of one dev evaluation."""
+    from tests.reference_previous import previous_implementation
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        with previous_implementation():
+            runs["before"].append(profile_training(kind, shape, steps))
+        runs["after"].append(profile_training(kind, shape, steps))
+    if evaluate:
+        with previous_implementation():
+            runs["before"][0].update(profile_evaluation(kind, shape))
+        runs["after"][0].update(profile_evaluation(kind, shape))
+    floors = {"before": [], "after": []}
+    for _ in range(rounds):
+        with previous_implementation():
+            floors["before"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
+        floors["after"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
+    print(f"\n{kind} before / after, CPU ms (median of {rounds} rounds of {steps} steps)")
+    print(f"  {'part':<44} {'before':>9} {'after':>9} {'ratio':>6}")
+    medians = {}
+    for label in runs["after"][0]:
+        before = statistics.median(r[label][1] for r in runs["before"] if label in r)
+        after = statistics.median(r[label][1] for r in runs["after"] if label in r)
+        medians[label] = {"before": before, "after": after}
+        print(f"  {label:<44} {1e3 * before:9.1f} {1e3 * after:9.1f} {before / max(after, 1e-9):6.2f}")
+    for when in ("before", "after"):
+        step = medians["whole step"][when]
+        epoch = shape.train_steps() * (step + medians["batch assembly (collate)"][when])
+        evaluation = (f", dev evaluation {100 * medians['whole evaluation'][when] / epoch:.1f}% of it"
+                      if "whole evaluation" in medians else "")
+        print(f"  {when}: step / encoder floor {step / statistics.median(floors[when]):.2f}x "
+              f"(floor {1e3 * statistics.median(floors[when]):.1f} ms); epoch of {shape.train_steps()} "
+              f"steps {epoch:.0f} CPU s{evaluation}")
+
+
+def print_table(title: str, parts: dict[str, tuple[float, float]], whole: str) -> None:
+    total_cpu = parts[whole][1] or 1e-12
+    print(f"\n{title}\n  {'part':<44} {'wall ms':>9} {'CPU ms':>9} {'% CPU':>6}")
+    for label, (wall, cpu) in parts.items():
+        print(f"  {label:<44} {1e3 * wall:9.1f} {1e3 * cpu:9.1f} {100 * cpu / total_cpu:6.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="rsicd")
+    p.add_argument("--kinds", default="global,local")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-eval", action="store_true", help="skip the dev evaluation")
+    p.add_argument("--compare", action="store_true", help="before / after table against the previous code")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {shape}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for kind in args.kinds.split(","):
+        if args.compare:
+            compare(kind, shape, args.steps, args.rounds, not args.no_eval)
+            continue
+        parts = profile_training(kind, shape, args.steps)
+        floor = profile_training(kind, shape, args.steps, floor=True)["whole step"]
+        parts["encoder floor (step without attention/loss)"] = floor
+        print_table(f"{kind} training step, batch {shape.batch_size}, medians of {args.steps} steps", parts,
+                    "whole step")
+        step_ratio = parts["whole step"][1] / floor[1]
+        epoch = shape.train_steps() * (parts["whole step"][1] + parts["batch assembly (collate)"][1])
+        print(f"  step / encoder floor (CPU): {step_ratio:.2f}x; epoch of {shape.train_steps()} steps: "
+              f"{epoch:.0f} CPU s")
+        if not args.no_eval:
+            evaluation = profile_evaluation(kind, shape)
+            print_table(f"{kind} dev evaluation, {shape.dev_images} images x "
+                        f"{shape.dev_images * shape.captions_per_image} captions", evaluation, "whole evaluation")
+            print(f"  evaluation / epoch (CPU): {100 * evaluation['whole evaluation'][1] / epoch:.1f}%")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
