@@ -56,6 +56,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     train.add_argument("--grad_clip", type=float, default=2.0, help="gradient-norm clipping")
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--resume", default="", help="checkpoint to continue from")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a folder holding another run: its files move to previous-run-<time>/")
     train.add_argument("--allow_option_change", action="store_true",
                        help="resume even though model or training options differ from the checkpoint's")
 
@@ -81,7 +83,7 @@ def parse_options(kind: str, argv: list[str] | None = None) -> dict:
 
 
 # options that say where and how a run happens, not what it computes: free to change on --resume
-RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
+RUN_ONLY_OPTIONS = ("resume", "overwrite", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
                     "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout")
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 import evaluate
+import run_folder
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import InputError, report_errors
@@ -47,7 +48,7 @@ ROWS = {
 METRICS = (("i2t", "mAP"), ("t2i", "mAP"), ("mean", "mAP"), ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"),
            ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
 # Flags reproduce.py sets itself for every run; they may not be passed through.
-OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume")
+OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume", "--overwrite")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -192,6 +193,8 @@ class Reproduction:
                 print(f"finished earlier ({last}), skipped", flush=True)
                 return
             argv += ["--resume", last]
+        elif run_folder.run_files(folder):  # logs of a run stopped before its first checkpoint: start it again
+            argv += ["--overwrite"]
         start = time.time()
         trainer.main(kind, argv)
         self.timings.record(f"seed{seed}/train/{variant}/{kind}", time.time() - start)

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
+import run_folder
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
 from errors import InputError, TrainingError
@@ -20,7 +21,6 @@ from loss import msb_loss
 from files import check_writable, remove_stale_temporaries
 from models import build_model, load_weights
 from options import SHAPE_OPTIONS, changed_options, parse_options
-from run_lock import RunLock
 from run_log import RunLogger
 from scoring import validate
 from vocab import load_vocab, vocab_file
@@ -101,6 +101,16 @@ class Trainer:
         torch.manual_seed(opt["seed"])
         check_writable(opt["model_name"])  # before any data is read
         check_writable(opt["logger_name"], "log directory")
+        self.locks = run_folder.claim(opt, kind) if self.dist.is_main else []  # rank 0 writes the run folders
+        try:
+            self._load(kind)
+        except BaseException:
+            self.release()
+            raise
+
+    def _load(self, kind: str) -> None:
+        """Vocabulary, data, model and optimizer, restored from --resume when given."""
+        opt = self.opt
         stale = remove_stale_temporaries(opt["model_name"]) if self.dist.is_main else []  # rank 0 owns the folder
         for name in stale:
             print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
@@ -122,7 +132,6 @@ class Trainer:
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
-        self.locks = self._lock_run_folders() if self.dist.is_main else []  # rank 0 writes the run folders
         self.log = RunLogger(opt["logger_name"]) if self.dist.is_main else None
 
     def _check_batches_fill_ranks(self) -> None:
@@ -137,22 +146,6 @@ class Trainer:
     def _dataset(self, split: str) -> PrecompDataset:
         o = self.opt
         return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"])
-
-    def _lock_run_folders(self) -> list[RunLock]:
-        """Claim --model_name and --logger_name for this run; refuses while another run holds either."""
-        folders: dict[str, str] = {}
-        for folder in (self.opt["model_name"], self.opt["logger_name"]):
-            folders.setdefault(os.path.realpath(folder), folder)
-        locks: list[RunLock] = []
-        try:
-            for folder in folders.values():
-                os.makedirs(folder, exist_ok=True)  # writable: checked before any data were read
-                locks.append(RunLock(folder))
-        except InputError:
-            for lock in locks:
-                lock.release()
-            raise
-        return locks
 
     def release(self) -> None:
         """Free the run folders for another run."""

@@ -266,7 +266,8 @@ def test_second_run_on_the_same_folder_is_refused_until_the_first_dies(tiny_data
     finally:
         first.kill()  # SIGKILL: a crash that leaves its lock file behind
         first.communicate(timeout=60)
-    third = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1"))
+    third = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1",
+                                                      "--resume", str(tmp_path / "checkpoint.pth.tar")))
     assert third.returncode == 0, third.stderr
 
 
