@@ -1,6 +1,7 @@
 """Checkpoints as plain dicts: written atomically, loaded with weights_only=True."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -14,8 +15,14 @@ REQUIRED_KEYS = ("kind", "model", "opt", "vocab", "epoch")
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half file."""
-    atomic_write(path, lambda f: torch.save(state, f), suffix=".pth.tar")
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half file.
+
+    The state is serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
+    RuntimeError about stream positions, a plain write keeps the OSError that names the cause.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), suffix=".pth.tar")
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:

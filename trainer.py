@@ -16,7 +16,7 @@ import distributed
 import run_folder
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
-from errors import InputError, TrainingError
+from errors import InputError, OutputError, TrainingError
 from loss import msb_loss
 from files import check_writable, remove_stale_temporaries
 from models import build_model, load_weights
@@ -198,10 +198,21 @@ class Trainer:
             return []
         state = self.state()
         with signals_held() as held:
-            if best:
-                save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
-            save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+            try:
+                if best:
+                    save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
+                save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+            except OutputError as err:
+                raise OutputError(f"{err}; {self.how_to_go_on()}") from None
         return held
+
+    def how_to_go_on(self) -> str:
+        """What a stopped run left behind and the command that continues it."""
+        last = os.path.join(self.opt["model_name"], LAST)
+        if not os.path.exists(last):
+            return "no checkpoint was saved yet: free some space and run the same command again"
+        return f"the last saved checkpoint {last} is kept: free some space and resume with the same command " \
+               f"plus --resume {last}"
 
     def diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose numbers left the finite range, saying what was kept."""
