@@ -20,9 +20,11 @@ def save_checkpoint(state: dict, path: str) -> None:
     The state is serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
     RuntimeError about stream positions, a plain write keeps the OSError that names the cause.
     """
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()), suffix=".pth.tar")
+    def write(f) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        f.write(buffer.getbuffer())
+    atomic_write(path, write, suffix=".pth.tar")
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
