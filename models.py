@@ -42,7 +42,10 @@ def load_weights(model: nn.Module, weights: dict, path: str, built_from: str, wh
 def load_trained(path: str, kind: str, device: torch.device) -> tuple[nn.Module, dict, Vocabulary]:
     """Model (eval mode, on device), checkpoint dict and vocabulary of a saved subnetwork."""
     ckpt = load_checkpoint(path, kind)
-    vocab = Vocabulary.from_word2idx(ckpt["vocab"])
+    try:
+        vocab = Vocabulary.from_word2idx(ckpt["vocab"])
+    except InputError as err:
+        raise InputError(f"{path}: damaged vocabulary in the checkpoint ({err})") from None
     model = build_model(kind, ckpt["opt"], len(vocab))
     load_weights(model, ckpt["model"], path, "its own options (the file was edited or damaged)")
     return model.to(device).eval(), ckpt, vocab

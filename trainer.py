@@ -174,13 +174,18 @@ class Trainer:
             print(f"notice: resuming with changed options: {'; '.join(changes.values())}")
         shape_changes = "; ".join(v for k, v in changes.items() if k in SHAPE_OPTIONS)
         load_weights(self.model, ckpt["model"], path, "the given options", shape_changes)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
-        self.evaluated = ckpt.get("evaluated", True)
-        self.epoch_rng_state = ckpt["order_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        try:  # a checkpoint of evaluate.py's kind (no optimizer) or a damaged one: one line, not a KeyError
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.step, self.best_rsum = ckpt["epoch"], int(ckpt["step"]), float(ckpt["best_rsum"])
+            self.evaluated = bool(ckpt.get("evaluated", True))
+            self.order_rng.set_state(ckpt["order_rng"])
+            self.epoch_rng_state = ckpt["order_rng"]
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+            raise InputError(f"{path}: cannot be resumed, its training state is missing or damaged "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
 
