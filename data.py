@@ -12,6 +12,7 @@ from errors import InputError
 from vocab import Vocabulary, read_captions
 
 NUM_BLOCKS = 9  # uniform 3x3 grid
+MAX_LABEL = 2 ** 53  # the largest whole number float64 labels hold exactly
 MAX_UNKNOWN_FRACTION = 0.5  # above this, the vocabulary belongs to other captions (another dataset)
 
 
@@ -76,8 +77,13 @@ def load_labels(path: str) -> torch.Tensor:
         raise InputError(f"{path}: labels must be (N,), (N, 1) or multi-hot (N, C), found shape {array.shape}")
     if array.dtype == bool:
         array = array.astype(np.int64)
-    if not np.issubdtype(array.dtype, np.number) or np.any(array != np.round(array)):
-        raise InputError(f"{path}: labels must be integers, found dtype {array.dtype} with non-integer values")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{path}: labels must be integers, found dtype {array.dtype}")
+    wrong = ~np.isfinite(array) | (array != np.round(array)) | (np.abs(array) > MAX_LABEL)
+    if wrong.any():  # inf or 1e30 would wrap around in int64 into some other class
+        row = int(np.argwhere(wrong)[0][0])
+        raise InputError(f"{path}: labels must be whole numbers of at most {MAX_LABEL}, row {row} holds "
+                         f"{array.reshape(len(array), -1)[row].tolist()[:5]}")
     array = array.astype(np.int64)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]

@@ -66,11 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--save_embeddings and --map_all go with --shortlist")
     if not (args.global_ckpt or args.local_ckpt):
         p.error("give --global_ckpt, --local_ckpt or both")
-    if not 0.0 <= args.fusion_weight <= 1.0:
+    check_subnetwork_arguments(p, args)
+    return args
+
+
+def check_subnetwork_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags of add_subnetwork_arguments in range (NaN included), before any checkpoint is read."""
+    if not 0.0 <= args.fusion_weight <= 1.0:  # False for NaN too
         p.error("--fusion_weight must lie in [0, 1]")
     check_number("--chunk", args.chunk, minimum=1)
     check_number("--batch_size", args.batch_size, minimum=0)
-    return args
 
 
 def plot_format(path: str) -> str:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import split_file
 from errors import InputError, report_errors
-from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
+from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
 from options import resolve_device
 from vocab import read_captions
@@ -49,8 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--global_ckpt is required: the global subnetwork builds the index")
     if args.top < 1 or args.shortlist < 1:
         p.error("--top and --shortlist must be at least 1")
-    if not 0.0 <= args.fusion_weight <= 1.0:
-        p.error("--fusion_weight must lie in [0, 1]")
+    check_subnetwork_arguments(p, args)
     args.shortlist = max(args.shortlist, args.top)
     return args
 

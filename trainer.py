@@ -128,6 +128,7 @@ class Trainer:
         self.order_rng = torch.Generator().manual_seed(opt["seed"])
         self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
         self.evaluated = True  # False between an epoch's last batch and its dev evaluation
+        self.loss_sums: dict[str, float] = {}  # of the unfinished epoch, kept across a mid-epoch resume
         self.stops: distributed.StopRequests | None = None  # signals noted, under torchrun only
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
@@ -158,7 +159,7 @@ class Trainer:
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
                 "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
                 "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "loss_sums": dict(self.loss_sums)}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
@@ -180,6 +181,7 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.epoch, self.step, self.best_rsum = ckpt["epoch"], int(ckpt["step"]), float(ckpt["best_rsum"])
             self.evaluated = bool(ckpt.get("evaluated", True))
+            self.loss_sums = {str(k): float(v) for k, v in ckpt.get("loss_sums", {}).items()}
             self.order_rng.set_state(ckpt["order_rng"])
             self.epoch_rng_state = ckpt["order_rng"]
             torch.set_rng_state(ckpt["torch_rng"])
@@ -238,7 +240,9 @@ class Trainer:
         batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
         mine = [self.dist.my_slice(batch) for batch in batches[self.step:]]  # all of it in one process
         loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], mine)
-        totals: dict[str, float] = {}
+        if self.step == 0:
+            self.loss_sums = {}  # summed over the epoch's batches, those before a mid-epoch resume included
+        totals = self.loss_sums
         count, learned = 0, False
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}", total=len(batches), initial=self.step,
                    leave=False, file=sys.stderr,
@@ -261,7 +265,7 @@ class Trainer:
             print(f"warning: epoch {self.epoch + 1}: no batch produced a loss term (no item had both a positive and "
                   "a negative of another label in its batch: single-label data?), so nothing was learned",
                   file=sys.stderr, flush=True)
-        return {name: value / max(count, 1) for name, value in totals.items()}
+        return {name: value / max(self.step, 1) for name, value in totals.items()}
 
     def train_step(self, batch) -> dict[str, float]:
         terms = batch_loss(self.train_model, batch, self.opt, self.device, distributed.batch_gatherer(self.dist))
@@ -284,6 +288,10 @@ class Trainer:
 
     def fit(self) -> float:
         """Train to num_epochs; returns the best rsum on the validation split."""
+        if self.epoch >= self.opt["num_epochs"] and self.evaluated and self.dist.is_main:
+            print(f"this run has already trained {self.epoch} epochs, --num_epochs {self.opt['num_epochs']}: "
+                  f"nothing to do (best dev rsum {self.best_rsum:.2f}); raise --num_epochs to train further",
+                  flush=True)
         with self._stop_signals():
             try:
                 if self.epoch == 0 and self.step == 0 and self.dist.is_main:

@@ -1,0 +1,65 @@
+"""Edges of flags and runs a user meets (docs/RELIABILITY.md): finished runs, resumed epoch losses, odd values."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import trainer
+from data import load_labels
+from errors import InputError
+from tests.conftest import run_script, train_argv
+
+
+def epoch_losses(out: str) -> dict[str, str]:
+    """'epoch   2/2  loss 14.1234' lines of the trainer's output, by epoch."""
+    return dict(re.findall(r"epoch +(\d+)/\d+  loss (\S+)", out))
+
+
+def test_the_epoch_loss_after_a_mid_epoch_resume_covers_the_whole_epoch(tiny_data, tmp_path, monkeypatch, capsys):
+    trainer.main("global", train_argv("global", tiny_data, str(tmp_path / "straight"), "--num_epochs", "2"))
+    straight = epoch_losses(capsys.readouterr().out)
+    real_step = trainer.Trainer.train_step
+
+    def interrupt_at_epoch_2_batch_3(self, batch):
+        if self.epoch == 1 and self.step == 2:
+            raise trainer.Interrupted("SIGINT")
+        return real_step(self, batch)
+    monkeypatch.setattr(trainer.Trainer, "train_step", interrupt_at_epoch_2_batch_3)
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(SystemExit):
+        trainer.main("global", train_argv("global", tiny_data, str(run_dir), "--num_epochs", "2"))
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    trainer.main("global", train_argv("global", tiny_data, str(run_dir), "--num_epochs", "2",
+                                      "--resume", str(run_dir / trainer.LAST)))
+    assert epoch_losses(capsys.readouterr().out) == straight  # epoch 1 before the stop, epoch 2 after it
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tiny_data, tmp_path):
+    trainer.main("global", train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1"))
+    log = (tmp_path / "performance.log").read_text()
+    again = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1",
+                                                      "--resume", str(tmp_path / trainer.LAST)))
+    assert again.returncode == 0, again.stderr
+    assert "this run has already trained 1 epochs, --num_epochs 1: nothing to do" in again.stdout
+    assert "raise --num_epochs to train further" in again.stdout
+    assert (tmp_path / "performance.log").read_text() == log  # nothing evaluated or appended
+
+
+@pytest.mark.parametrize("flag, value, message", [("--fusion_weight", "nan", "--fusion_weight must lie in [0, 1]"),
+                                                  ("--seed", "-1", "--seed must be at least 0")])
+def test_visualize_refuses_odd_flags_before_any_work(untrained, tmp_path, flag, value, message):
+    done = run_script("visualize.py", "--global_ckpt", untrained["global"], "--local_ckpt", untrained["local"],
+                      "--out_dir", str(tmp_path / "figures"), flag, value)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.parametrize("value", [np.inf, 1e30, -np.inf])
+def test_labels_of_inf_or_1e30_are_refused_with_the_row(tmp_path, value):
+    labels = np.arange(6, dtype=np.float64) % 3
+    labels[4] = value
+    np.save(tmp_path / "train_labels.npy", labels)
+    with pytest.raises(InputError, match=r"train_labels.npy: labels must be whole numbers of at most \d+, row 4"):
+        load_labels(str(tmp_path / "train_labels.npy"))
