@@ -82,7 +82,7 @@ def load_labels(path: str) -> torch.Tensor:
     wrong = ~np.isfinite(array) | (array != np.round(array)) | (np.abs(array) > MAX_LABEL)
     if wrong.any():  # inf or 1e30 would wrap around in int64 into some other class
         row = int(np.argwhere(wrong)[0][0])
-        raise InputError(f"{path}: labels must be whole numbers of at most {MAX_LABEL}, row {row} holds "
+        raise InputError(f"{path}: labels must be integers of magnitude at most {MAX_LABEL}, row {row} holds "
                          f"{array.reshape(len(array), -1)[row].tolist()[:5]}")
     array = array.astype(np.int64)
     if array.ndim == 2 and array.shape[1] == 1:

@@ -61,5 +61,5 @@ def test_labels_of_inf_or_1e30_are_refused_with_the_row(tmp_path, value):
     labels = np.arange(6, dtype=np.float64) % 3
     labels[4] = value
     np.save(tmp_path / "train_labels.npy", labels)
-    with pytest.raises(InputError, match=r"train_labels.npy: labels must be whole numbers of at most \d+, row 4"):
+    with pytest.raises(InputError, match=r"train_labels.npy: labels must be integers of magnitude at most \d+, row 4"):
         load_labels(str(tmp_path / "train_labels.npy"))
