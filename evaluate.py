@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
 from data import PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
-from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
+from files import atomic_write, atomic_write_bytes, check_output_file, check_writable, read_utf8
 from gallery import evaluate_shortlist
 from metrics import KS, precision_recall_curve, retrieval_metrics
 from models import load_trained
 from options import resolve_device
+from provenance import data_fingerprint, describe_change, sha256_file
 from scoring import similarity_matrix
 
 FUSION_GRID = np.round(np.arange(0.0, 1.0001, 0.05), 2)
@@ -109,16 +111,41 @@ class Subnetwork:
         self.kind, self.path, self.device, self.args = kind, path, device, args
         self.model, ckpt, self.vocab = load_trained(path, kind, device)
         self.opt = ckpt["opt"]
-        self.data_path = data_path or self.opt["data_path"]
+        self.training_data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else None
+        self.data_path = data_path or self._training_data_path()
         self.data_name = args.data_name or self.opt["data_name"]
+        self.out = sys.stderr if getattr(args, "json", False) else sys.stdout  # search.py --json: stdout is JSON
         self._sims: dict[str, np.ndarray] = {}
         self.datasets: dict[str, PrecompDataset] = {}
+        self.provenance: dict[str, dict] = {}  # by split: the folder read and how it compares with training
+
+    def _training_data_path(self) -> str:
+        """The absolute folder the checkpoint records (not the relative --data_path, which depends on where
+        the command runs), when it still exists; else the option as given in training."""
+        folder = (self.training_data or {}).get("folder")
+        if isinstance(folder, str) and os.path.isdir(folder):
+            return os.path.dirname(folder)
+        return self.opt["data_path"]
 
     def dataset(self, split: str) -> PrecompDataset:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
                                                   self.opt["cnn_dim"], self.opt["bovw_dim"])
+            self.provenance[split] = self._compare_with_training(split)
         return self.datasets[split]
+
+    def _compare_with_training(self, split: str) -> dict:
+        """Say which folder a split is read from and whether its files are those of the training data."""
+        current = data_fingerprint(self.datasets[split].folder)
+        record = {"folder": current["folder"], "fingerprint": current}
+        if self.training_data is None:
+            print(f"{self.kind} data: {current['folder']} ({split}); the checkpoint has no record of its "
+                  "training data to compare with", file=self.out)
+            return {**record, "same_as_training": None}
+        change = describe_change(self.training_data, current, split)
+        print(f"{self.kind} data: {current['folder']} ({split})"
+              + (f"; notice: {change}" if change else "; same files as in training"), file=self.out, flush=True)
+        return {**record, "same_as_training": not change, **({"differs": change} if change else {})}
 
     def sims(self, split: str) -> np.ndarray:
         if split not in self._sims:
@@ -159,6 +186,15 @@ def check_same_items(nets: list[Subnetwork], split: str) -> None:
         raise InputError(f"the {split} split of {nets[0].data_path} and {nets[1].data_path} hold different "
                          f"items ({first.describe()} against {second.describe()}, or labels disagree); fusion "
                          "needs image i and caption j to be the same in both")
+    for kind in ("caps", "images"):  # the same items in the same order, not only the same labels
+        paths = [os.path.join(d.folder, f"{split}_{kind}.txt") for d in (first, second)]
+        if kind == "images" and not all(os.path.isfile(p) for p in paths):
+            continue  # image lists are optional (the authors' folders have none): labels and captions decide
+        lines = [read_utf8(p, "caption file" if kind == "caps" else "image list").splitlines() for p in paths]
+        if lines[0] != lines[1]:
+            row = next((i for i, (a, b) in enumerate(zip(*lines)) if a != b), min(map(len, lines)))
+            raise InputError(f"{paths[0]} and {paths[1]} differ at line {row + 1}: fusion needs the two folders to "
+                             f"hold the same {'captions' if kind == 'caps' else 'images'} in the same order")
 
 
 def tune_weight(nets: list[Subnetwork]) -> float:
@@ -266,7 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"split": split, "data_name": nets[0].data_name, "images": dataset.num_images,
                "captions_per_image": dataset.captions_per_image, "fusion_weight": weight,
                "metric": f"mAP@{args.shortlist}" if args.shortlist else "mAP@all",
-               "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
+               "checkpoints": {net.kind: net.path for net in nets}, "rows": results,
+               "data": {net.kind: net.provenance for net in nets},
+               "checkpoint_sha256": {net.kind: sha256_file(net.path) for net in nets}}
     write_outputs(args, rows, summary, split, labels, output)
     return summary
 

@@ -6,7 +6,8 @@ For every seed it trains the global and local subnetworks, and both again withou
 (alpha = beta = 0), keeps each freshly initialised model, and evaluates on test the untrained, trained
 and ablated subnetworks and their fusion (w tuned on dev). It writes results/<data_name>/table.md and
 table.json (mean and standard deviation over seeds). Other flags (--embed_size, --learning_rate, ...)
-go to both training scripts. A rerun skips every finished stage and resumes an interrupted training.
+go to both training scripts. A rerun skips every finished stage and resumes an interrupted training; a stage whose data files
+or checkpoints changed runs again.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 import torch
 
 import evaluate
+import provenance
 import run_folder
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
@@ -185,14 +187,20 @@ class Reproduction:
         argv = self.train_argv(variant, kind, seed)
         opt = parse_options(kind, argv)
         folder = opt["model_name"]
-        if variant == "full" and not os.path.isfile(os.path.join(folder, UNTRAINED)):
-            save_untrained(kind, opt, os.path.join(folder, UNTRAINED))
+        untrained = os.path.join(folder, UNTRAINED)
+        if variant == "full" and (not os.path.isfile(untrained) or data_change(untrained, opt)):
+            save_untrained(kind, opt, untrained)
         last = os.path.join(folder, trainer.LAST)
         if os.path.isfile(last):
-            if finished(last, opt):
+            done, change = finished(last, opt), data_change(last, opt)
+            if change:  # the run belongs to other data: train again, the old run is archived
+                print(f"the data changed since {last} was trained ({change}): training again", flush=True)
+                argv += ["--overwrite"]
+            elif done:
                 print(f"finished earlier ({last}), skipped", flush=True)
                 return
-            argv += ["--resume", last]
+            else:
+                argv += ["--resume", last]
         elif run_folder.run_files(folder):  # logs of a run stopped before its first checkpoint: start it again
             argv += ["--overwrite"]
         start = time.time()
@@ -205,16 +213,33 @@ class Reproduction:
         variant, filename = EVALUATIONS[name]
         ckpts = {kind: os.path.join(self.run_folder(variant, kind, seed), filename) for kind in AUX_WEIGHTS}
         output = os.path.join(self.results, f"seed{seed}", f"{name}.json")
-        if os.path.isfile(output) and all(os.path.getmtime(output) >= os.path.getmtime(c) for c in ckpts.values()):
+        earlier = self.earlier_evaluation(output, ckpts)
+        if earlier is not None:
             print(f"evaluated earlier ({output}), skipped", flush=True)
-            with open(output, encoding="utf-8") as f:
-                return json.load(f)
+            return earlier
         start = time.time()
         summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
                                  "--global_data_path", self.args.global_data_path, "--local_data_path",
                                  self.args.local_data_path, "--device", self.args.device, "--output", output])
         self.timings.record(f"seed{seed}/evaluate/{name}", time.time() - start)
         return summary
+
+    def earlier_evaluation(self, output: str, ckpts: dict[str, str]) -> dict | None:
+        """The summary in output when it was made from these very checkpoints and data files, else None."""
+        try:
+            with open(output, encoding="utf-8") as f:
+                summary = json.load(f)
+            same = all(summary["checkpoint_sha256"][kind] == provenance.sha256_file(path) for kind, path in
+                       ckpts.items())
+            folders = {kind: provenance.data_fingerprint(os.path.join(self.data_path(kind), self.args.data_name))
+                       for kind in ckpts}
+            same = same and all(read["fingerprint"] == folders[kind] for kind, splits in summary["data"].items()
+                                for read in splits.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, damaged or older: evaluate again
+            return None
+        if not same:
+            print(f"{output}: made from other checkpoints or data files; evaluating again", flush=True)
+        return summary if same else None
 
     def run(self) -> dict[int, dict[str, dict]]:
         """Every stage, seed by seed; returns the evaluation summaries by seed and name."""
@@ -232,8 +257,9 @@ def save_untrained(kind: str, opt: dict, path: str) -> None:
     torch.manual_seed(opt["seed"])
     vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
     model = build_model(kind, opt, len(vocab))
-    save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx, "epoch": 0},
-                    path)
+    data = provenance.data_fingerprint(os.path.join(opt["data_path"], opt["data_name"]))
+    save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx, "epoch": 0,
+                     "data": data}, path)
 
 
 def finished(last: str, opt: dict) -> bool:
@@ -247,6 +273,16 @@ def finished(last: str, opt: dict) -> bool:
         raise InputError(f"{last}: this run has trained {ckpt['epoch']} epochs, more than --epochs "
                          f"{opt['num_epochs']}; use another --runs_dir or the same --epochs")
     return ckpt["epoch"] == opt["num_epochs"] and ckpt.get("evaluated", True)
+
+
+def data_change(path: str, opt: dict) -> str:
+    """The train and validation files that differ from those a checkpoint records; '' when none (or no record)."""
+    recorded = load_checkpoint(path, opt["kind"]).get("data")
+    if not isinstance(recorded, dict):
+        return ""
+    current = provenance.data_fingerprint(os.path.join(opt["data_path"], opt["data_name"]))
+    return ", ".join(name for split in ("train", opt["val_split"])
+                     for name in provenance.changed_files(recorded, current, split))
 
 
 def dev_curve(folder: str) -> dict[int, float]:

@@ -180,6 +180,8 @@ def run_search(args: argparse.Namespace) -> dict:
     split = pick_split(nets, args.split)
     if len(nets) == 2:
         check_same_items(nets, split)
+    for net in nets:  # read (and compared with the training data) even when the embeddings are cached
+        net.dataset(split)
     global_net = nets[0]
     folder = args.embeddings or os.path.join(os.path.dirname(args.global_ckpt) or ".", f"embeddings_{split}")
     embeddings = load_or_encode_global(global_net, split, args.batch_size or global_net.opt["batch_size"], folder)
@@ -196,7 +198,8 @@ def run_search(args: argparse.Namespace) -> dict:
     shown = {"text": args.text} if args.text is not None else \
         {"image_row": query["image_row"], **({"image": args.image} if args.image else {})}
     return {"query": shown, "split": split, "target": target, "index": args.index,
-            "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results}
+            "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results,
+            "data": {net.kind: net.provenance[split] for net in nets}}
 
 
 def format_results(found: dict) -> str:

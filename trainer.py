@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
+import provenance
 import run_folder
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
@@ -117,6 +118,7 @@ class Trainer:
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
         self.train_set = self._dataset("train")
         self.val_set = self._dataset(opt["val_split"])
+        self.data_record = provenance.data_fingerprint(self.train_set.folder)  # saved in every checkpoint
         if opt["batch_size"] > len(self.train_set):
             raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
                              f"({len(self.train_set)} items in {opt['data_path']}/{opt['data_name']})")
@@ -159,13 +161,16 @@ class Trainer:
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
                 "best_rsum": self.best_rsum, "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
                 "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
-                "scaler": self.scaler.state_dict(), "loss_sums": dict(self.loss_sums)}
+                "scaler": self.scaler.state_dict(), "loss_sums": dict(self.loss_sums),
+                "data": self.data_record}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
         if ckpt["vocab"] != self.vocab.word2idx:
             raise InputError(f"{path}: checkpoint was trained with another vocabulary than "
                              f"{vocab_file(self.opt['vocab_path'], self.opt['data_name'])}")
+        if isinstance(ckpt.get("data"), dict) and (change := provenance.describe_change(ckpt["data"], self.data_record)):
+            print(f"notice: resuming on other data: in {self.data_record['folder']}, {change}", flush=True)
         changes = changed_options(ckpt["opt"], self.opt)
         if changes and not self.opt["allow_option_change"]:
             raise InputError(f"{path}: options differ from the checkpoint's: {'; '.join(changes.values())}. "
