@@ -12,15 +12,18 @@ split or data is refused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from data import split_file
-from errors import InputError, report_errors
+from errors import InputError, OutputError, report_errors
+from files import atomic_write_bytes
 from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
 from options import resolve_device
@@ -65,20 +68,48 @@ def import_faiss():
 
 
 def load_or_build_index(vectors: torch.Tensor, path: str, kind: str):
-    """Inner-product index of the rows of vectors, read from path when built before, else built and saved."""
+    """Inner-product index of the rows of vectors: read from path when it is whole (its checksum) and was built
+    from these very vectors, else built and saved atomically with one notice; a failed save is a notice too."""
     faiss = import_faiss()
-    if os.path.isfile(path):
-        index = faiss.read_index(path)
-        if index.ntotal == vectors.size(0) and index.d == vectors.size(1):
-            return index
     data = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+    built_from = hashlib.sha256(data.tobytes()).hexdigest()
+    index = read_index(faiss, path, built_from)
+    if index is not None:
+        return index
     if kind == "flat":
         index = faiss.IndexFlatIP(data.shape[1])
     else:
         index = faiss.IndexHNSWFlat(data.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
     index.add(data)
-    faiss.write_index(index, path)
+    payload = faiss.serialize_index(index).tobytes()
+    try:
+        atomic_write_bytes(path, payload)
+        atomic_write_bytes(path + ".json", json.dumps({"sha256": hashlib.sha256(payload).hexdigest(),
+                                                       "built_from_sha256": built_from}).encode("utf-8"))
+    except OutputError as err:  # a cache: the search goes on without it
+        print(f"notice: the index was not cached ({err})", file=sys.stderr)
     return index
+
+
+def read_index(faiss, path: str, built_from: str):
+    """The index saved at path, or None (with one notice when a saved one is damaged or stale)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            stamp = json.load(f)
+        with open(path, "rb") as f:
+            payload = f.read()
+        if stamp["built_from_sha256"] != built_from:
+            print(f"notice: {path} was built from other embeddings; building it again", file=sys.stderr)
+            return None
+        if stamp["sha256"] != hashlib.sha256(payload).hexdigest():
+            raise ValueError("checksum differs")
+        return faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        print(f"notice: {path} is damaged or incomplete ({str(err).splitlines()[0][:80] if str(err) else err!r}); "
+              "building it again", file=sys.stderr)
+        return None
 
 
 def search_index(index, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
