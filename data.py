@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from vocab import Vocabulary, read_captions
 
 NUM_BLOCKS = 9  # uniform 3x3 grid
 MAX_LABEL = 2 ** 53  # the largest whole number float64 labels hold exactly
+MAX_CAPTION_WORDS = 100  # default cap on caption length (words), see cap_lengths
 MAX_UNKNOWN_FRACTION = 0.5  # above this, the vocabulary belongs to other captions (another dataset)
 
 
@@ -102,6 +104,20 @@ def check_known_words(caps_path: str, captions: list[torch.Tensor], vocab: Vocab
                          "dataset or checkpoint?): rebuild it with vocab.py or use the matching one")
 
 
+def cap_lengths(path: str, encoded: list[list[int]], max_words: int) -> list[torch.Tensor]:
+    """Captions as tensors, each cut to max_words words (plus <start> and <end>), with one notice when any is.
+
+    Scoring pads a batch to its longest caption, so one caption of thousands of words would multiply the
+    memory and time of all the others (docs/RELIABILITY.md, bounded cost).
+    """
+    long = [(line, len(ids) - 2) for line, ids in enumerate(encoded, 1) if len(ids) - 2 > max_words]
+    if long:
+        line, words = max(long, key=lambda item: item[1])
+        print(f"notice: {path}: {len(long)} captions longer than --max_caption_words {max_words} are cut to "
+              f"{max_words} words (longest: line {line}, {words} words)", file=sys.stderr, flush=True)
+    return [torch.tensor(ids if len(ids) - 2 <= max_words else ids[:max_words + 1] + ids[-1:]) for ids in encoded]
+
+
 class PrecompDataset(Dataset):
     """One split of a precomp folder: N images (CNN and BoVW features, labels) and k·N captions.
 
@@ -110,13 +126,13 @@ class PrecompDataset(Dataset):
     """
 
     def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
-                 granularity: str, cnn_dim: int, bovw_dim: int):
+                 granularity: str, cnn_dim: int, bovw_dim: int, max_words: int = MAX_CAPTION_WORDS):
         folder = os.path.join(data_path, data_name)
         self.folder, self.split = folder, split
         if not os.path.isdir(folder):
             raise InputError(f"{folder}: data folder not found (check --data_path and --data_name)")
         caps_path = split_file(folder, split, "caps")
-        self.captions = [torch.tensor(vocab.encode(c)) for c in read_captions(caps_path)]
+        self.captions = cap_lengths(caps_path, [vocab.encode(c) for c in read_captions(caps_path)], max_words)
         if not self.captions:
             raise InputError(f"{caps_path}: the split '{split}' is empty")
         check_known_words(caps_path, self.captions, vocab)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from data import PrecompDataset, has_split
+from data import MAX_CAPTION_WORDS, PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
 from files import atomic_write, atomic_write_bytes, check_output_file, check_writable, read_utf8
 from gallery import evaluate_shortlist
@@ -114,6 +114,7 @@ class Subnetwork:
         self.training_data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else None
         self.data_path = data_path or self._training_data_path()
         self.data_name = args.data_name or self.opt["data_name"]
+        self.max_words = int(self.opt.get("max_caption_words", MAX_CAPTION_WORDS))  # as in training
         self.out = sys.stderr if getattr(args, "json", False) else sys.stdout  # search.py --json: stdout is JSON
         self._sims: dict[str, np.ndarray] = {}
         self.datasets: dict[str, PrecompDataset] = {}
@@ -130,7 +131,7 @@ class Subnetwork:
     def dataset(self, split: str) -> PrecompDataset:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
-                                                  self.opt["cnn_dim"], self.opt["bovw_dim"])
+                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.max_words)
             self.provenance[split] = self._compare_with_training(split)
         return self.datasets[split]
 

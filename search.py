@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data import split_file
+from data import cap_lengths, split_file
 from errors import InputError, OutputError, report_errors
 from files import atomic_write_bytes
 from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
@@ -144,7 +144,7 @@ def image_row_of(path: str, net, split: str) -> int:
 @torch.no_grad()
 def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, L) and length of a typed caption, refused when it has no known word."""
-    ids = net.vocab.encode(text)
+    ids = cap_lengths("--text", [net.vocab.encode(text)], net.max_words)[0].tolist()
     if all(i == net.vocab.word2idx["<unk>"] for i in ids[1:-1]):
         raise InputError(f"--text {text!r}: no word of it is in the vocabulary")
     return torch.tensor([ids], device=net.device), torch.tensor([len(ids)])

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 import trainer
-from data import load_labels
+from data import PrecompDataset, load_labels
 from errors import InputError
 from tests.conftest import run_script, train_argv
+from vocab import load_vocab, vocab_file
 
 
 def epoch_losses(out: str) -> dict[str, str]:
@@ -63,3 +65,25 @@ def test_labels_of_inf_or_1e30_are_refused_with_the_row(tmp_path, value):
     np.save(tmp_path / "train_labels.npy", labels)
     with pytest.raises(InputError, match=r"train_labels.npy: labels must be integers of magnitude at most \d+, row 4"):
         load_labels(str(tmp_path / "train_labels.npy"))
+
+
+def test_a_caption_of_thousands_of_words_is_cut_with_one_notice(untrained, tiny_data, tmp_path):
+    shutil.copytree(tiny_data["coarse"], tmp_path / "coarse")
+    caps = tmp_path / "coarse" / tiny_data["name"] / "test_caps.txt"
+    lines = caps.read_text().splitlines()
+    lines[4] = " ".join([lines[4]] * 3000)  # thousands of known words on line 5
+    caps.write_text("\n".join(lines) + "\n")
+    done = run_script("evaluate.py", "--global_ckpt", untrained["global"], "--data_path", str(tmp_path / "coarse"),
+                      "--device", "cpu", "--output", str(tmp_path / "eval.json"))
+    assert done.returncode == 0, done.stderr
+    notice = [line for line in done.stderr.splitlines() if "--max_caption_words" in line]
+    assert len(notice) == 1 and f"{caps}: 1 captions longer than --max_caption_words 100 are cut to 100 words " \
+                                "(longest: line 5," in notice[0]
+    vocab = load_vocab(vocab_file(tiny_data["vocab"], tiny_data["name"]))
+    dataset = PrecompDataset(str(tmp_path / "coarse"), tiny_data["name"], "test", vocab, "global", 24, 12)
+    assert max(len(c) for c in dataset.captions) == 102  # 100 words, <start> and <end>
+
+
+def test_max_caption_words_must_be_positive(tiny_data, tmp_path):
+    done = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--max_caption_words", "0"))
+    assert done.returncode == 2 and "--max_caption_words must be at least 1" in done.stderr
