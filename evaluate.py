@@ -40,6 +40,8 @@ def add_subnetwork_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--chunk", type=int, default=1000, help="images / captions per block of local scoring")
     p.add_argument("--batch_size", type=int, default=0, help="encoding batch (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--allow_unknown_words", action="store_true",
+                   help="go on when most caption words are outside the checkpoint's vocabulary")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +133,8 @@ class Subnetwork:
     def dataset(self, split: str) -> PrecompDataset:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
-                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.max_words)
+                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.max_words,
+                                                  self.args.allow_unknown_words)
             self.provenance[split] = self._compare_with_training(split)
         return self.datasets[split]
 

@@ -30,6 +30,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     data.add_argument("--max_caption_words", type=int, default=MAX_CAPTION_WORDS,
                       help="longer captions are cut to this many words, with a notice (bounds scoring cost)")
+    data.add_argument("--allow_unknown_words", action="store_true",
+                      help="go on when most caption words are outside the vocabulary")
 
     model = p.add_argument_group("model")
     model.add_argument("--word_dim", type=int, default=300)
@@ -88,7 +90,7 @@ def parse_options(kind: str, argv: list[str] | None = None) -> dict:
 # options that say where and how a run happens, not what it computes: free to change on --resume
 RUN_ONLY_OPTIONS = ("resume", "overwrite", "allow_option_change", "num_epochs", "data_path", "vocab_path", "logger_name",
                     "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout",
-                    "max_caption_words")  # a cap on input length, announced whenever it cuts a caption
+                    "max_caption_words", "allow_unknown_words")  # a cap on input length, announced whenever it cuts a caption
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
 
 

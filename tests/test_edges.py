@@ -87,3 +87,30 @@ def test_a_caption_of_thousands_of_words_is_cut_with_one_notice(untrained, tiny_
 def test_max_caption_words_must_be_positive(tiny_data, tmp_path):
     done = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--max_caption_words", "0"))
     assert done.returncode == 2 and "--max_caption_words must be at least 1" in done.stderr
+
+
+def rare_words_in(folder, split: str) -> None:
+    """Rewrite a split's captions: one word of the vocabulary and two never seen in training per caption."""
+    caps = folder / f"{split}_caps.txt"
+    lines = caps.read_text().splitlines()
+    caps.write_text("".join(f"{line.split()[0]} rare{i}a rare{i}b\n" for i, line in enumerate(lines)))
+
+
+def evaluate_on(untrained, data_path, tmp_path, *extra):
+    return run_script("evaluate.py", "--global_ckpt", untrained["global"], "--data_path", str(data_path),
+                      "--device", "cpu", "--output", str(tmp_path / "eval.json"), *extra)
+
+
+def test_a_sparse_vocabulary_is_told_from_a_foreign_one(untrained, tiny_data, tmp_path):
+    shutil.copytree(tiny_data["coarse"], tmp_path / "coarse")
+    folder = tmp_path / "coarse" / tiny_data["name"]
+    rare_words_in(folder, "test")  # 2 of 3 test words unknown, the train split reads well: sparse
+    done = evaluate_on(untrained, tmp_path / "coarse", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"test_caps.txt: \d+ of 60 caption words \((6|7)\d%\) are not in the vocabulary \(96 entries\), "
+                     r"against 0% in the train split: a sparse vocabulary", done.stderr), done.stderr
+    rare_words_in(folder, "train")  # the train split too: the vocabulary is foreign to this folder
+    refused = evaluate_on(untrained, tmp_path / "coarse", tmp_path)
+    assert refused.returncode == 2 and "add --allow_unknown_words to go on" in refused.stderr
+    allowed = evaluate_on(untrained, tmp_path / "coarse", tmp_path, "--allow_unknown_words")
+    assert allowed.returncode == 0 and "going on (--allow_unknown_words)" in allowed.stderr, allowed.stderr
