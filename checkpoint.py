@@ -90,7 +90,7 @@ def _type_errors(state: dict) -> list[str]:
         return problems
     if state["kind"] not in KIND_OPT_TYPES:
         return [f"'kind' is {state['kind']!r}, not 'global' or 'local'"]
-    model, opt, vocab = state["model"], state["opt"], state["vocab"]
+    model, opt, vocab = state["model"], state["opt"], state["vocab"]  # opt: see check_model_options
     if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
         problems.append("'model' is not a table of named tensors")
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
@@ -98,12 +98,19 @@ def _type_errors(state: dict) -> list[str]:
     if type(state["epoch"]) is not int or state["epoch"] < 0:
         problems.append(f"'epoch' is {state['epoch']!r}, not a count")
     if not isinstance(opt, dict):
-        return problems + ["'opt' is not a table of options"]
-    for name, wanted in {**OPT_TYPES, **KIND_OPT_TYPES[state["kind"]]}.items():
-        value = opt.get(name)
-        if not isinstance(value, wanted) or (wanted is int and (isinstance(value, bool) or value < 1)):
-            problems.append(f"option '{name}' is {value!r}" if name in opt else f"no option '{name}'")
+        problems.append("'opt' is not a table of options")
     return problems
+
+
+def check_model_options(state: dict, path: str) -> None:
+    """The options a subnetwork is rebuilt from (widths, layers, attention) are present and well typed."""
+    problems = []
+    for name, wanted in {**OPT_TYPES, **KIND_OPT_TYPES[state["kind"]]}.items():
+        value = state["opt"].get(name)
+        if not isinstance(value, wanted) or (wanted is int and (isinstance(value, bool) or value < 1)):
+            problems.append(f"option '{name}' is {value!r}" if name in state["opt"] else f"no option '{name}'")
+    if problems:
+        raise InputError(f"{path}: not an M2HSE checkpoint, or a damaged one: {'; '.join(problems[:3])}")
 
 
 def load_checkpoint(path: str, kind: str | None = None) -> dict:

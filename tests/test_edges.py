@@ -11,6 +11,7 @@ import trainer
 from data import PrecompDataset, load_labels
 from errors import InputError
 from tests.conftest import run_script, train_argv
+from tests.test_reliability import interrupt_at_epoch_2_batch_3
 from vocab import load_vocab, vocab_file
 
 
@@ -22,13 +23,7 @@ def epoch_losses(out: str) -> dict[str, str]:
 def test_the_epoch_loss_after_a_mid_epoch_resume_covers_the_whole_epoch(tiny_data, tmp_path, monkeypatch, capsys):
     trainer.main("global", train_argv("global", tiny_data, str(tmp_path / "straight"), "--num_epochs", "2"))
     straight = epoch_losses(capsys.readouterr().out)
-    real_step = trainer.Trainer.train_step
-
-    def interrupt_at_epoch_2_batch_3(self, batch):
-        if self.epoch == 1 and self.step == 2:
-            raise trainer.Interrupted("SIGINT")
-        return real_step(self, batch)
-    monkeypatch.setattr(trainer.Trainer, "train_step", interrupt_at_epoch_2_batch_3)
+    real_step = interrupt_at_epoch_2_batch_3(monkeypatch)
     run_dir = tmp_path / "resumed"
     with pytest.raises(SystemExit):
         trainer.main("global", train_argv("global", tiny_data, str(run_dir), "--num_epochs", "2"))
