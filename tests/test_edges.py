@@ -9,7 +9,7 @@ import pytest
 
 import trainer
 from data import PrecompDataset, load_labels
-from errors import InputError
+from errors import InputError, report_errors
 from tests.conftest import run_script, train_argv
 from tests.test_reliability import interrupt_at_epoch_2_batch_3
 from vocab import load_vocab, vocab_file
@@ -109,3 +109,13 @@ def test_a_sparse_vocabulary_is_told_from_a_foreign_one(untrained, tiny_data, tm
     assert refused.returncode == 2 and "add --allow_unknown_words to go on" in refused.stderr
     allowed = evaluate_on(untrained, tmp_path / "coarse", tmp_path, "--allow_unknown_words")
     assert allowed.returncode == 0 and "going on (--allow_unknown_words)" in allowed.stderr, allowed.stderr
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_under_torchrun_rank_0_alone_prints_a_refused_input(monkeypatch, capsys, rank, lines):
+    def refuse():
+        raise InputError("data/x/train_caps.txt: line 3 is an empty caption")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as stop:
+        report_errors(refuse)()
+    assert stop.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines
