@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -24,13 +25,15 @@ class TrainingError(ReportedError):
 
 def report_errors(main: Callable[..., object]) -> Callable[..., object]:
     """Wrap a CLI entry point: a ReportedError prints one line and exits with status 2, a Ctrl-C that the
-    script does not handle itself (loading data, scoring) one line and status 130."""
+    script does not handle itself (loading data, scoring) one line and status 130. Under torchrun a refused
+    input is printed by rank 0 alone, so the ranks' lines do not interleave."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except ReportedError as err:
-            print(f"error: {err}", file=sys.stderr)
+            if not (isinstance(err, InputError) and os.environ.get("RANK", "0") != "0"):
+                print(f"error: {err}", file=sys.stderr)  # under torchrun rank 0 alone: every rank reads the same input
             sys.exit(2)
         except KeyboardInterrupt:
             print("\ninterrupted (Ctrl-C); files already written are complete", file=sys.stderr)

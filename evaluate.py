@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
-from data import PrecompDataset, has_split, split_file
+from data import MAX_CAPTION_WORDS, PrecompDataset, has_split, split_file
 from errors import InputError, check_number, report_errors
-from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
+from files import atomic_write, atomic_write_bytes, check_output_file, check_writable, read_utf8
 from gallery import evaluate_shortlist
 from metrics import KS, RELEVANCE, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from models import load_trained
 from options import resolve_device, saved_option
+from provenance import data_fingerprint, describe_change, sha256_file
 from scoring import similarity_matrix
 from vocab import read_captions
 
@@ -42,6 +44,8 @@ def add_subnetwork_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--relevance", choices=RELEVANCE, default="label",
                    help="label: relevant = shared label (the paper's); instance: caption j is relevant only "
                         "to image j // k (the field's R@K protocol)")
+    p.add_argument("--allow_unknown_words", action="store_true",
+                   help="go on when most caption words are outside the checkpoint's vocabulary")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,11 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--save_embeddings and --map_all go with --shortlist")
     if not (args.global_ckpt or args.local_ckpt):
         p.error("give --global_ckpt, --local_ckpt or both")
-    if not 0.0 <= args.fusion_weight <= 1.0:
+    check_subnetwork_arguments(p, args)
+    return args
+
+
+def check_subnetwork_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags of add_subnetwork_arguments in range (NaN included), before any checkpoint is read."""
+    if not 0.0 <= args.fusion_weight <= 1.0:  # False for NaN too
         p.error("--fusion_weight must lie in [0, 1]")
     check_number("--chunk", args.chunk, minimum=1)
     check_number("--batch_size", args.batch_size, minimum=0)
-    return args
 
 
 def plot_format(path: str) -> str:
@@ -109,16 +118,43 @@ class Subnetwork:
         self.kind, self.path, self.device, self.args = kind, path, device, args
         self.model, ckpt, self.vocab = load_trained(path, kind, device)
         self.opt = ckpt["opt"]
-        self.data_path = data_path or self.opt["data_path"]
+        self.training_data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else None
+        self.data_path = data_path or self._training_data_path()
         self.data_name = args.data_name or self.opt["data_name"]
+        self.max_words = int(self.opt.get("max_caption_words", MAX_CAPTION_WORDS))  # as in training
+        self.out = sys.stderr if getattr(args, "json", False) else sys.stdout  # search.py --json: stdout is JSON
         self._sims: dict[str, np.ndarray] = {}
         self.datasets: dict[str, PrecompDataset] = {}
+        self.provenance: dict[str, dict] = {}  # by split: the folder read and how it compares with training
+
+    def _training_data_path(self) -> str:
+        """The absolute folder the checkpoint records (not the relative --data_path, which depends on where
+        the command runs), when it still exists; else the option as given in training."""
+        folder = (self.training_data or {}).get("folder")
+        if isinstance(folder, str) and os.path.isdir(folder):
+            return os.path.dirname(folder)
+        return self.opt["data_path"]
 
     def dataset(self, split: str) -> PrecompDataset:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
-                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.path)
+                                                  self.opt["cnn_dim"], self.opt["bovw_dim"], self.path,
+                                                  self.max_words, self.args.allow_unknown_words)
+            self.provenance[split] = self._compare_with_training(split)
         return self.datasets[split]
+
+    def _compare_with_training(self, split: str) -> dict:
+        """Say which folder a split is read from and whether its files are those of the training data."""
+        current = data_fingerprint(self.datasets[split].folder)
+        record = {"folder": current["folder"], "fingerprint": current}
+        if self.training_data is None:
+            print(f"{self.kind} data: {current['folder']} ({split}); the checkpoint has no record of its "
+                  "training data to compare with", file=self.out)
+            return {**record, "same_as_training": None}
+        change = describe_change(self.training_data, current, split)
+        print(f"{self.kind} data: {current['folder']} ({split})"
+              + (f"; notice: {change}" if change else "; same files as in training"), file=self.out, flush=True)
+        return {**record, "same_as_training": not change, **({"differs": change} if change else {})}
 
     def sims(self, split: str) -> np.ndarray:
         if split not in self._sims:
@@ -159,6 +195,15 @@ def check_same_items(nets: list[Subnetwork], split: str) -> None:
         raise InputError(f"the {split} split of {nets[0].data_path} and {nets[1].data_path} hold different "
                          f"items ({first.describe()} against {second.describe()}, or labels disagree); fusion "
                          "needs image i and caption j to be the same in both")
+    for kind in ("caps", "images"):  # the same items in the same order, not only the same labels
+        paths = [os.path.join(d.folder, f"{split}_{kind}.txt") for d in (first, second)]
+        if kind == "images" and not all(os.path.isfile(p) for p in paths):
+            continue  # image lists are optional (the authors' folders have none): labels and captions decide
+        lines = [read_utf8(p, "caption file" if kind == "caps" else "image list").splitlines() for p in paths]
+        if lines[0] != lines[1]:
+            row = next((i for i, (a, b) in enumerate(zip(*lines)) if a != b), min(map(len, lines)))
+            raise InputError(f"{paths[0]} and {paths[1]} differ at line {row + 1}: fusion needs the two folders to "
+                             f"hold the same {'captions' if kind == 'caps' else 'images'} in the same order")
 
 
 def tune_weight(nets: list[Subnetwork], relevance: str = "label") -> float:
@@ -302,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
                "captions_per_image": dataset.captions_per_image, "fusion_weight": weight,
                "metric": f"mAP@{args.shortlist}" if args.shortlist else "mAP@all", "relevance": args.relevance,
                **notes,
-               "checkpoints": {net.kind: net.path for net in nets}, "rows": results}
+               "checkpoints": {net.kind: net.path for net in nets}, "rows": results,
+               "data": {net.kind: net.provenance for net in nets},
+               "checkpoint_sha256": {net.kind: sha256_file(net.path) for net in nets}}
     write_outputs(args, rows, summary, split, protocol_labels(args.relevance, *labels), output)
     return summary
 

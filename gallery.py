@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import sys
@@ -24,8 +25,10 @@ import numpy as np
 import torch
 
 from errors import InputError
+from files import atomic_write_bytes
 from loss import relevance
 from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, summarize_queries
+from provenance import sha256_file
 from scoring import encode_split
 
 # Elements of one block of scores or relevance: 128 MB in float32.
@@ -166,35 +169,61 @@ def refuse_non_finite(dataset, kind: str, *embeddings: torch.Tensor) -> None:
                          "values; feature values too large for float32?")
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(net, split: str, batch_size: int) -> dict:
     """What the global embeddings of a split depend on: the checkpoint, the split's files, the batch."""
     folder = os.path.join(net.data_path, net.data_name)
     files = sorted(name for name in os.listdir(folder) if name.startswith(f"{split}_"))
-    return {"checkpoint_sha256": _file_digest(net.path), "split": split, "batch_size": batch_size,
-            "data": {name: _file_digest(os.path.join(folder, name)) for name in files}}
+    return {"checkpoint_sha256": sha256_file(net.path), "split": split, "batch_size": batch_size,
+            "data": {name: sha256_file(os.path.join(folder, name)) for name in files}}
+
+
+def read_saved_embeddings(folder: str, stamp: dict) -> dict[str, torch.Tensor] | None:
+    """The embeddings saved in folder when they are whole and made from the same inputs; None (with one
+    notice) when they are damaged or stale and must be made again. Another split or batch is refused: that
+    folder is some other run's cache."""
+    stamp_path = os.path.join(folder, "fingerprint.json")
+    if not os.path.isfile(stamp_path):
+        return None
+    try:
+        with open(stamp_path, encoding="utf-8") as f:
+            stored = json.load(f)
+        inputs, checksums = stored["inputs"], stored["sha256"]
+        differ = [key for key in stamp if inputs.get(key) != stamp[key]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print(f"notice: {stamp_path} is damaged or from an older version; encoding the embeddings again",
+              file=sys.stderr)
+        return None
+    if "split" in differ or "batch_size" in differ:
+        raise InputError(f"{folder}: the saved embeddings do not match this run ({', '.join(differ)} differ); "
+                         "use another folder or delete this one")
+    if differ:
+        print(f"notice: the embeddings in {folder} were made from another {' and '.join(differ)}; encoding them "
+              "again", file=sys.stderr)
+        return None
+    damaged = [name for name in EMBEDDING_FILES if not _file_matches(os.path.join(folder, f"{name}.npy"),
+                                                                     checksums.get(name))]
+    if damaged:
+        print(f"notice: {os.path.join(folder, damaged[0] + '.npy')} is missing or damaged (its checksum differs); "
+              "encoding the embeddings again", file=sys.stderr)
+        return None
+    return {name: torch.from_numpy(np.load(os.path.join(folder, f"{name}.npy"), allow_pickle=False))
+            for name in EMBEDDING_FILES}
+
+
+def _file_matches(path: str, checksum: object) -> bool:
+    try:
+        return isinstance(checksum, str) and sha256_file(path) == checksum
+    except OSError:
+        return False
 
 
 def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") -> dict[str, torch.Tensor]:
     """Global image / caption embeddings and labels of a split; with a folder, written there once and
-    reused by later runs (refused when they were made from another checkpoint, split or data)."""
+    reused by later runs while whole and made from the same checkpoint and data (else made again)."""
     stamp = fingerprint(net, split, batch_size) if folder else None
-    stamp_path = os.path.join(folder, "fingerprint.json")
-    if folder and os.path.isfile(stamp_path):
-        with open(stamp_path, encoding="utf-8") as f:
-            stored = json.load(f)
-        if stored != stamp:
-            what = ", ".join(key for key in stamp if stored.get(key) != stamp[key])
-            raise InputError(f"{folder}: the saved embeddings do not match this run ({what} differ); "
-                             "use another folder or delete this one")
-        return {name: torch.from_numpy(np.load(os.path.join(folder, f"{name}.npy"))) for name in EMBEDDING_FILES}
+    saved = read_saved_embeddings(folder, stamp) if folder else None
+    if saved is not None:
+        return saved
     dataset = net.dataset(split)
     images, texts, _ = encode_split(net.model, dataset, batch_size, net.device)
     refuse_non_finite(dataset, "global", images, texts)
@@ -205,20 +234,27 @@ def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") ->
     return embeddings
 
 
+def npy_bytes(values: np.ndarray) -> bytes:
+    """The .npy file of an array, in memory (to hash what is written)."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: dict) -> None:
-    """Arrays first, the fingerprint last (atomically): a folder without it is never reused."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(os.path.join(folder, "index_*.faiss")):  # search.py's, built on older embeddings
+    """Arrays first, each atomically, then the fingerprint with their checksums: a folder is reused only whole."""
+    for stale in glob.glob(os.path.join(folder, "index_*.faiss*")):  # search.py's, built on older embeddings
+        try:
             os.remove(stale)
-        for name, values in embeddings.items():
-            np.save(os.path.join(folder, f"{name}.npy"), values.numpy())
-        tmp = os.path.join(folder, ".fingerprint.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stamp, f, indent=1)
-        os.replace(tmp, os.path.join(folder, "fingerprint.json"))
-    except OSError as err:
-        raise InputError(f"{folder}: cannot write the embeddings ({err.strerror or err})") from None
+        except OSError:
+            pass  # their own checksums refuse them later
+    checksums = {}
+    for name, values in embeddings.items():
+        payload = npy_bytes(values.numpy())
+        atomic_write_bytes(os.path.join(folder, f"{name}.npy"), payload)
+        checksums[name] = hashlib.sha256(payload).hexdigest()
+    atomic_write_bytes(os.path.join(folder, "fingerprint.json"),
+                       json.dumps({"inputs": stamp, "sha256": checksums}, indent=1).encode("utf-8"))
     print(f"wrote global embeddings to {folder}", file=sys.stderr)  # stdout may be --json
 
 

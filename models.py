@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from checkpoint import load_checkpoint
+from checkpoint import check_model_options, load_checkpoint
 from errors import InputError
 from vocab import Vocabulary
 
@@ -42,7 +42,11 @@ def load_weights(model: nn.Module, weights: dict, path: str, built_from: str, wh
 def load_trained(path: str, kind: str, device: torch.device) -> tuple[nn.Module, dict, Vocabulary]:
     """Model (eval mode, on device), checkpoint dict and vocabulary of a saved subnetwork."""
     ckpt = load_checkpoint(path, kind)
-    vocab = Vocabulary.from_word2idx(ckpt["vocab"])
+    check_model_options(ckpt, path)
+    try:
+        vocab = Vocabulary.from_word2idx(ckpt["vocab"])
+    except InputError as err:
+        raise InputError(f"{path}: damaged vocabulary in the checkpoint ({err})") from None
     model = build_model(kind, ckpt["opt"], len(vocab))
     load_weights(model, ckpt["model"], path, "its own options (the file was edited or damaged)")
     return model.to(device).eval(), ckpt, vocab

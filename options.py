@@ -5,6 +5,7 @@ import argparse
 
 import torch
 
+from data import MAX_CAPTION_WORDS
 from errors import InputError, check_number
 from metrics import RELEVANCE
 
@@ -28,6 +29,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     data.add_argument("--bovw_dim", type=int, default=500, help="width of the BoVW features")
     data.add_argument("--val_split", default="dev", help="split used to pick the best epoch")
     data.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    data.add_argument("--max_caption_words", type=int, default=MAX_CAPTION_WORDS,
+                      help="longer captions are cut to this many words, with a notice (bounds scoring cost)")
+    data.add_argument("--allow_unknown_words", action="store_true",
+                      help="go on when most caption words are outside the vocabulary")
 
     model = p.add_argument_group("model")
     model.add_argument("--word_dim", type=int, default=300)
@@ -65,6 +70,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     train.add_argument("--grad_clip", type=float, default=2.0, help="gradient-norm clipping")
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--resume", default="", help="checkpoint to continue from")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a folder holding another run: its files move to previous-run-<time>/")
     train.add_argument("--allow_option_change", action="store_true",
                        help="resume even though model or training options differ from the checkpoint's")
 
@@ -90,8 +97,10 @@ def parse_options(kind: str, argv: list[str] | None = None) -> dict:
 
 
 # options that say where and how a run happens, not what it computes: free to change on --resume
-RUN_ONLY_OPTIONS = ("resume", "allow_option_change", "num_epochs", "early_stop", "data_path", "vocab_path",
-                    "logger_name", "model_name", "device", "gpuid", "workers", "log_step", "amp", "dist_timeout")
+RUN_ONLY_OPTIONS = ("resume", "overwrite", "allow_option_change", "num_epochs", "early_stop", "data_path",
+                    "vocab_path", "logger_name", "model_name", "device", "gpuid", "workers", "log_step", "amp",
+                    "dist_timeout",
+                    "max_caption_words", "allow_unknown_words")  # a cap on input length, announced whenever it cuts a caption
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
 # options added after checkpoints were first saved: the value a checkpoint without them was trained with
 ADDED_OPTIONS = {"loss": "msb", "margin": 0.2, "relevance": "label", "early_stop": 0}
@@ -113,7 +122,7 @@ def changed_options(saved: dict, given: dict) -> dict[str, str]:
 def check_options(opt: dict, kind: str) -> None:
     """Every numeric flag in range, before any data is read."""
     for name in ("num_epochs", "batch_size", "lr_update", "embed_size", "word_dim", "cnn_dim", "bovw_dim",
-                 "num_layers", "log_step"):
+                 "num_layers", "log_step", "max_caption_words"):
         check_number(f"--{name}", opt[name], minimum=1)
     for name in ("learning_rate", "gamma_1", "lambda_softmax"):
         check_number(f"--{name}", opt[name], above=0)

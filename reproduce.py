@@ -10,7 +10,7 @@ untrained, trained, no auxiliary terms, triplet) and table_instance.md / .json (
 the instance protocol, plus the instance-trained rows, beside published results), mean and standard
 deviation over seeds, and dev_curves.png. --rows picks a subset of the row groups. Other flags
 (--embed_size, --learning_rate, ...) go to both training scripts. A rerun skips every finished stage and
-resumes an interrupted training.
+resumes an interrupted training; a stage whose data files or checkpoints changed runs again.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import torch  # noqa: E402
 
 import dev_curves  # noqa: E402
 import evaluate  # noqa: E402
+import provenance  # noqa: E402
+import run_folder  # noqa: E402
 import trainer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from errors import InputError, report_errors  # noqa: E402
@@ -66,8 +68,8 @@ METRICS = {
                  ("mR", ""), ("i2t", "mAP"), ("t2i", "mAP")),
 }
 # Flags reproduce.py sets itself for every run; they may not be passed through.
-OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume", "--loss",
-             "--relevance")
+OWN_FLAGS = ("--data_path", "--seed", "--num_epochs", "--logger_name", "--model_name", "--resume", "--overwrite",
+             "--loss", "--relevance")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -221,20 +223,27 @@ class Reproduction:
         folder = opt["model_name"]
         last = os.path.join(folder, trainer.LAST)
         if os.path.isfile(last):
-            if finished(last, opt):
+            done, change = finished(last, opt), data_change(last, opt)
+            if change:  # the run belongs to other data: train again, the old run is archived
+                print(f"the data changed since {last} was trained ({change}): training again", flush=True)
+                argv += ["--overwrite"]
+            elif done:
                 print(f"finished earlier ({last}), skipped", flush=True)
                 return
-            argv += ["--resume", last]
+            else:
+                argv += ["--resume", last]
+        elif run_folder.run_files(folder):  # logs of a run stopped before its first checkpoint: start it again
+            argv += ["--overwrite"]
         start = time.time()
         trainer.main(kind, argv)
         self.timings.record(f"seed{seed}/train/{variant}/{kind}", time.time() - start)
 
     def untrained(self, seed: int) -> None:
-        """The freshly initialised subnetworks of the full variant, saved once."""
+        """The freshly initialised subnetworks of the full variant, saved once (again when the data changed)."""
         for kind in AUX_WEIGHTS:
             opt = parse_options(kind, self.train_argv("full", kind, seed))
             path = os.path.join(opt["model_name"], UNTRAINED)
-            if not os.path.isfile(path):
+            if not os.path.isfile(path) or data_change(path, opt):
                 save_untrained(kind, opt, path)
 
     def evaluate(self, protocol: str, name: str, seed: int) -> dict:
@@ -245,10 +254,10 @@ class Reproduction:
         ckpts = {kind: os.path.join(self.run_folder(variant, kind, seed), filename) for kind in AUX_WEIGHTS}
         stage = name if protocol == "label" else f"instance/{name}"
         output = os.path.join(self.results, f"seed{seed}", f"{stage}.json")
-        if os.path.isfile(output) and all(os.path.getmtime(output) >= os.path.getmtime(c) for c in ckpts.values()):
+        earlier = self.earlier_evaluation(output, ckpts)
+        if earlier is not None:
             print(f"evaluated earlier ({output}), skipped", flush=True)
-            with open(output, encoding="utf-8") as f:
-                return json.load(f)
+            return earlier
         start = time.time()
         summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
                                  "--global_data_path", self.args.global_data_path, "--local_data_path",
@@ -256,6 +265,23 @@ class Reproduction:
                                  "--relevance", protocol])
         self.timings.record(f"seed{seed}/evaluate/{stage}", time.time() - start)
         return summary
+
+    def earlier_evaluation(self, output: str, ckpts: dict[str, str]) -> dict | None:
+        """The summary in output when it was made from these very checkpoints and data files, else None."""
+        try:
+            with open(output, encoding="utf-8") as f:
+                summary = json.load(f)
+            same = all(summary["checkpoint_sha256"][kind] == provenance.sha256_file(path) for kind, path in
+                       ckpts.items())
+            folders = {kind: provenance.data_fingerprint(os.path.join(self.data_path(kind), self.args.data_name))
+                       for kind in ckpts}
+            same = same and all(read["fingerprint"] == folders[kind] for kind, splits in summary["data"].items()
+                                for read in splits.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, damaged or older: evaluate again
+            return None
+        if not same:
+            print(f"{output}: made from other checkpoints or data files; evaluating again", flush=True)
+        return summary if same else None
 
     def run(self) -> dict[int, dict[tuple[str, str], dict]]:
         """Every stage, seed by seed; returns the evaluation summaries by seed and (protocol, group)."""
@@ -275,8 +301,9 @@ def save_untrained(kind: str, opt: dict, path: str) -> None:
     torch.manual_seed(opt["seed"])
     vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
     model = build_model(kind, opt, len(vocab))
-    save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx, "epoch": 0},
-                    path)
+    data = provenance.data_fingerprint(os.path.join(opt["data_path"], opt["data_name"]))
+    save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx, "epoch": 0,
+                     "data": data}, path)
 
 
 def finished(last: str, opt: dict) -> bool:
@@ -291,6 +318,16 @@ def finished(last: str, opt: dict) -> bool:
                          f"{opt['num_epochs']}; use another --runs_dir or the same --epochs")
     patience_over = opt["early_stop"] > 0 and ckpt["epoch"] - ckpt.get("best_epoch", ckpt["epoch"]) >= opt["early_stop"]
     return (ckpt["epoch"] == opt["num_epochs"] or patience_over) and ckpt.get("evaluated", True)
+
+
+def data_change(path: str, opt: dict) -> str:
+    """The train and validation files that differ from those a checkpoint records; '' when none (or no record)."""
+    recorded = load_checkpoint(path, opt["kind"]).get("data")
+    if not isinstance(recorded, dict):
+        return ""
+    current = provenance.data_fingerprint(os.path.join(opt["data_path"], opt["data_name"]))
+    return ", ".join(name for split in ("train", opt["val_split"])
+                     for name in provenance.changed_files(recorded, current, split))
 
 
 def dev_curve(folder: str) -> dict[int, float]:

@@ -17,16 +17,19 @@ split or data is refused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data import class_names, label_names, split_file
-from errors import InputError, report_errors
-from evaluate import add_subnetwork_arguments, check_same_items, open_subnetworks, pick_split
+from data import cap_lengths, class_names, label_names, split_file
+from errors import InputError, OutputError, report_errors
+from files import atomic_write_bytes
+from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
 from loss import relevance as relevance_of
 from metrics import protocol_labels
@@ -56,8 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--global_ckpt is required: the global subnetwork builds the index")
     if args.top < 1 or args.shortlist < 1:
         p.error("--top and --shortlist must be at least 1")
-    if not 0.0 <= args.fusion_weight <= 1.0:
-        p.error("--fusion_weight must lie in [0, 1]")
+    check_subnetwork_arguments(p, args)
     args.shortlist = max(args.shortlist, args.top)
     return args
 
@@ -73,20 +75,48 @@ def import_faiss():
 
 
 def load_or_build_index(vectors: torch.Tensor, path: str, kind: str):
-    """Inner-product index of the rows of vectors, read from path when built before, else built and saved."""
+    """Inner-product index of the rows of vectors: read from path when it is whole (its checksum) and was built
+    from these very vectors, else built and saved atomically with one notice; a failed save is a notice too."""
     faiss = import_faiss()
-    if os.path.isfile(path):
-        index = faiss.read_index(path)
-        if index.ntotal == vectors.size(0) and index.d == vectors.size(1):
-            return index
     data = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+    built_from = hashlib.sha256(data.tobytes()).hexdigest()
+    index = read_index(faiss, path, built_from)
+    if index is not None:
+        return index
     if kind == "flat":
         index = faiss.IndexFlatIP(data.shape[1])
     else:
         index = faiss.IndexHNSWFlat(data.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
     index.add(data)
-    faiss.write_index(index, path)
+    payload = faiss.serialize_index(index).tobytes()
+    try:
+        atomic_write_bytes(path, payload)
+        atomic_write_bytes(path + ".json", json.dumps({"sha256": hashlib.sha256(payload).hexdigest(),
+                                                       "built_from_sha256": built_from}).encode("utf-8"))
+    except OutputError as err:  # a cache: the search goes on without it
+        print(f"notice: the index was not cached ({err})", file=sys.stderr)
     return index
+
+
+def read_index(faiss, path: str, built_from: str):
+    """The index saved at path, or None (with one notice when a saved one is damaged or stale)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            stamp = json.load(f)
+        with open(path, "rb") as f:
+            payload = f.read()
+        if stamp["built_from_sha256"] != built_from:
+            print(f"notice: {path} was built from other embeddings; building it again", file=sys.stderr)
+            return None
+        if stamp["sha256"] != hashlib.sha256(payload).hexdigest():
+            raise ValueError("checksum differs")
+        return faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        print(f"notice: {path} is damaged or incomplete ({str(err).splitlines()[0][:80] if str(err) else err!r}); "
+              "building it again", file=sys.stderr)
+        return None
 
 
 def search_index(index, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +171,7 @@ def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, L) and length of a typed caption, refused when it has no known word."""
-    ids = net.vocab.encode(text)
+    ids = cap_lengths("--text", [net.vocab.encode(text)], net.max_words)[0].tolist()
     if all(i == net.vocab.word2idx["<unk>"] for i in ids[1:-1]):
         raise InputError(f"--text {text!r}: no word of it is in the vocabulary")
     return torch.tensor([ids], device=net.device), torch.tensor([len(ids)])
@@ -230,9 +260,11 @@ def run_search(args: argparse.Namespace) -> dict:
     split = pick_split(nets, args.split)
     if len(nets) == 2:
         check_same_items(nets, split)
+    query, target = make_query(args, nets, split)  # an unusable query image stops here, before any encoding
+    for net in nets:  # read (and compared with the training data) even when the embeddings are cached
+        net.dataset(split)
     global_net = nets[0]
     folder = args.embeddings or os.path.join(os.path.dirname(args.global_ckpt) or ".", f"embeddings_{split}")
-    query, target = make_query(args, nets, split)  # an unusable query image stops here, before any encoding
     embeddings = load_or_encode_global(global_net, split, args.batch_size or global_net.opt["batch_size"], folder)
     vector = query_vector(query, embeddings, split)
     index = load_or_build_index(embeddings[target], os.path.join(folder, f"index_{args.index}_{target}.faiss"),
@@ -251,7 +283,8 @@ def run_search(args: argparse.Namespace) -> dict:
         mark_relevant(results, row, embeddings, args.relevance)
         shown.update(image_row=row, **label_fields(embeddings["image_labels"][row], names))
     return {"query": shown, "split": split, "target": target, "index": args.index, "relevance": args.relevance,
-            "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results}
+            "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results,
+            "data": {net.kind: net.provenance[split] for net in nets}}
 
 
 def mark_relevant(results: list[dict], image_row: int, embeddings: dict, relevance: str) -> None:

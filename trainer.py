@@ -13,15 +13,16 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
+import provenance
+import run_folder
 import threads
 from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from data import PrecompDataset, make_loader, shuffled_batches
-from errors import InputError, TrainingError
+from errors import InputError, OutputError, TrainingError
 from loss import msb_loss, triplet_loss
 from files import check_writable, remove_stale_temporaries
 from models import build_model, load_weights
 from options import SHAPE_OPTIONS, changed_options, parse_options
-from run_lock import RunLock
 from run_log import RunLogger
 from scoring import validate
 from vocab import load_vocab, vocab_file
@@ -115,6 +116,16 @@ class Trainer:
         torch.manual_seed(opt["seed"])
         check_writable(opt["model_name"])  # before any data is read
         check_writable(opt["logger_name"], "log directory")
+        self.locks = run_folder.claim(opt, kind) if self.dist.is_main else []  # rank 0 writes the run folders
+        try:
+            self._load(kind)
+        except BaseException:
+            self.release()
+            raise
+
+    def _load(self, kind: str) -> None:
+        """Vocabulary, data, model and optimizer, restored from --resume when given."""
+        opt = self.opt
         stale = remove_stale_temporaries(opt["model_name"]) if self.dist.is_main else []  # rank 0 owns the folder
         for name in stale:
             print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
@@ -123,6 +134,7 @@ class Trainer:
         if opt["relevance"] == "instance":  # the positives of an item: the captions of its own image
             self.train_set.label_by_image()
         self.val_set = self._dataset(opt["val_split"])
+        self.data_record = provenance.data_fingerprint(self.train_set.folder)  # saved in every checkpoint
         if opt["batch_size"] > len(self.train_set):
             raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
                              f"({len(self.train_set)} items in {opt['data_path']}/{opt['data_name']})")
@@ -135,11 +147,11 @@ class Trainer:
         self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
         self.best_epoch, self.stop_reason = 0, ""  # stop_reason: "early_stop" or "num_epochs" once stopped
         self.evaluated = True  # False between an epoch's last batch and its dev evaluation
+        self.loss_sums: dict[str, float] = {}  # of the unfinished epoch, kept across a mid-epoch resume
         self.stops: distributed.StopRequests | None = None  # signals noted, under torchrun only
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
-        self.locks = self._lock_run_folders() if self.dist.is_main else []  # rank 0 writes the run folders
         self.log = RunLogger(opt["logger_name"]) if self.dist.is_main else None
 
     def _check_batches_fill_ranks(self) -> None:
@@ -153,23 +165,8 @@ class Trainer:
 
     def _dataset(self, split: str) -> PrecompDataset:
         o = self.opt
-        return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"])
-
-    def _lock_run_folders(self) -> list[RunLock]:
-        """Claim --model_name and --logger_name for this run; refuses while another run holds either."""
-        folders: dict[str, str] = {}
-        for folder in (self.opt["model_name"], self.opt["logger_name"]):
-            folders.setdefault(os.path.realpath(folder), folder)
-        locks: list[RunLock] = []
-        try:
-            for folder in folders.values():
-                os.makedirs(folder, exist_ok=True)  # writable: checked before any data were read
-                locks.append(RunLock(folder))
-        except InputError:
-            for lock in locks:
-                lock.release()
-            raise
-        return locks
+        return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"],
+                              o["max_caption_words"], o["allow_unknown_words"])
 
     def release(self) -> None:
         """Free the run folders for another run."""
@@ -183,13 +180,16 @@ class Trainer:
                 "best_rsum": self.best_rsum, "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
                 "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
                 "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "loss_sums": dict(self.loss_sums),
+                "data": self.data_record}
 
     def _restore(self, path: str) -> None:
         ckpt = load_checkpoint(path, self.kind)
         if ckpt["vocab"] != self.vocab.word2idx:
             raise InputError(f"{path}: checkpoint was trained with another vocabulary than "
                              f"{vocab_file(self.opt['vocab_path'], self.opt['data_name'])}")
+        if isinstance(ckpt.get("data"), dict) and (change := provenance.describe_change(ckpt["data"], self.data_record)):
+            print(f"notice: resuming on other data: in {self.data_record['folder']}, {change}", flush=True)
         changes = changed_options(ckpt["opt"], self.opt)
         if changes and not self.opt["allow_option_change"]:
             raise InputError(f"{path}: options differ from the checkpoint's: {'; '.join(changes.values())}. "
@@ -199,15 +199,22 @@ class Trainer:
             print(f"notice: resuming with changed options: {'; '.join(changes.values())}")
         shape_changes = "; ".join(v for k, v in changes.items() if k in SHAPE_OPTIONS)
         load_weights(self.model, ckpt["model"], path, "the given options", shape_changes)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
-        # older checkpoints lack best_epoch: the patience count restarts at the resumed epoch
-        self.best_epoch = ckpt.get("best_epoch", self.epoch)
-        self.evaluated = ckpt.get("evaluated", True)
-        self.epoch_rng_state = ckpt["order_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        try:  # a checkpoint of evaluate.py's kind (no optimizer) or a damaged one: one line, not a KeyError
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.step, self.best_rsum = ckpt["epoch"], int(ckpt["step"]), float(ckpt["best_rsum"])
+            # older checkpoints lack best_epoch: the patience count restarts at the resumed epoch
+            self.best_epoch = int(ckpt.get("best_epoch", self.epoch))
+            self.stop_reason = str(ckpt.get("stop_reason", ""))
+            self.evaluated = bool(ckpt.get("evaluated", True))
+            self.loss_sums = {str(k): float(v) for k, v in ckpt.get("loss_sums", {}).items()}
+            self.order_rng.set_state(ckpt["order_rng"])
+            self.epoch_rng_state = ckpt["order_rng"]
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+            raise InputError(f"{path}: cannot be resumed, its training state is missing or damaged "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
 
@@ -225,10 +232,21 @@ class Trainer:
             return []
         state = self.state()
         with signals_held() as held:
-            if best:
-                save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
-            save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+            try:
+                if best:
+                    save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
+                save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
+            except OutputError as err:
+                raise OutputError(f"{err}; {self.how_to_go_on()}") from None
         return held
+
+    def how_to_go_on(self) -> str:
+        """What a stopped run left behind and the command that continues it."""
+        last = os.path.join(self.opt["model_name"], LAST)
+        if not os.path.exists(last):
+            return "no checkpoint was saved yet: free some space and run the same command again"
+        return f"the last saved checkpoint {last} is kept: free some space and resume with the same command " \
+               f"plus --resume {last}"
 
     def diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose numbers left the finite range, saying what was kept."""
@@ -252,7 +270,9 @@ class Trainer:
         batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
         mine = [self.dist.my_slice(batch) for batch in batches[self.step:]]  # all of it in one process
         loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], mine)
-        totals: dict[str, float] = {}
+        if self.step == 0:
+            self.loss_sums = {}  # summed over the epoch's batches, those before a mid-epoch resume included
+        totals = self.loss_sums
         count, learned = 0, False
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}", total=len(batches), initial=self.step,
                    leave=False, file=sys.stderr,
@@ -275,7 +295,7 @@ class Trainer:
             print(f"warning: epoch {self.epoch + 1}: no batch produced a loss term (no item had both a positive and "
                   "a negative of another label in its batch: single-label data?), so nothing was learned",
                   file=sys.stderr, flush=True)
-        return {name: value / max(count, 1) for name, value in totals.items()}
+        return {name: value / max(self.step, 1) for name, value in totals.items()}
 
     def train_step(self, batch) -> dict[str, float]:
         terms = batch_loss(self.train_model, batch, self.opt, self.device, distributed.batch_gatherer(self.dist))
@@ -298,6 +318,10 @@ class Trainer:
 
     def fit(self) -> float:
         """Train to num_epochs; returns the best rsum on the validation split."""
+        if self.epoch >= self.opt["num_epochs"] and self.evaluated and self.dist.is_main:
+            print(f"this run has already trained {self.epoch} epochs, --num_epochs {self.opt['num_epochs']}: "
+                  f"nothing to do (best dev rsum {self.best_rsum:.2f}); raise --num_epochs to train further",
+                  flush=True)
         with self._stop_signals():
             try:
                 if self.epoch == 0 and self.step == 0 and self.dist.is_main:

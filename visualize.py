@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --global_ckpt, --local_ckpt or both")
     if args.queries < 1:
         p.error("--queries must be at least 1")
+    if args.seed < 0:
+        p.error("--seed must be at least 0 (numpy's generators take no negative seed)")
+    evaluate.check_subnetwork_arguments(p, args)
     return args
 
 

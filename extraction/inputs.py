@@ -314,9 +314,18 @@ def read_class_lists(folder: str | Path) -> dict[str, list[str]]:
     if not lists:
         raise InputError(f"{folder}: no class lists (<class>.txt files, one image file name a line)")
     classes: dict[str, list[str]] = {}
+    listed: dict[str, tuple[Path, int, str]] = {}  # file name -> where first listed, as written there
     for path in lists:
         lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
-        for name in (Path(line.strip()).name for line in lines if line.strip()):
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            name = Path(line.strip()).name
+            where = listed.setdefault(name, (path, number, line.strip()))
+            if where[2] != line.strip() and Path(where[2]).parent != Path(line.strip()).parent:
+                raise InputError(f"{path}: line {number}: {line.strip()} and {where[2]} ({where[0].name} line "
+                                 f"{where[1]}) are different images of the same file name; labels are found by "
+                                 "file name, rename one of them")
             names = classes.setdefault(name, [])
             if path.stem not in names:
                 names.append(path.stem)
@@ -367,7 +376,13 @@ def _json_entry(path: Path, number: int, entry: object) -> tuple[str, Path, list
     captions = [one_line(s["raw"]) for s in sentences]
     if "" in captions:
         raise InputError(f"{path}: {name}: sentence {captions.index('')} is empty")
-    relative = Path(entry.get("filepath") or "") / name  # COCO keeps the image's sub-folder in 'filepath'
+    folder = entry.get("filepath") or ""
+    if not isinstance(folder, str):
+        raise InputError(f"{path}: images[{number}] ({name}): 'filepath' must be a folder name, got {folder!r}")
+    relative = Path(folder) / name  # COCO keeps the image's sub-folder in 'filepath'
+    if relative.is_absolute() or ".." in relative.parts:  # would read, and reveal, files outside --images
+        raise InputError(f"{path}: images[{number}] ({name}): the image path {relative} leaves the --images "
+                         "folder (absolute, or with '..'); image paths must lie inside it")
     return name, relative, captions, JSON_SPLITS[entry["split"]]
 
 
@@ -397,6 +412,7 @@ def read_caption_json(path: str | Path, images: str | Path, labels: dict[str, li
     twice = next((r for r, n in Counter(e[1] for e in entries).items() if n > 1), None)
     if twice is not None:
         raise InputError(f"{path}: {twice} is listed twice")
+    _refuse_shared_file_names(path, entries)
     k = _captions_per_image(path, {name: len(captions) for name, _, captions, _ in entries}, captions_per_image)
     items = [Item(images / relative, tuple(captions[:k]),
                   _labels_of(Path(name).name, labels, label_source, multi_label), split)
@@ -407,6 +423,17 @@ def read_caption_json(path: str | Path, images: str | Path, labels: dict[str, li
     details = {"caption_json": str(path.resolve()), "images": str(images.resolve()), "labels": label_source,
                "json_splits": {s: sum(e[3] == s for e in entries) for s in SPLITS}}
     return Collection(items, details=details, captions_per_image=k, multi_label=multi_label)
+
+
+def _refuse_shared_file_names(path: Path, entries: list[tuple[str, Path, list[str], str]]) -> None:
+    """Labels are looked up by file name alone: two images of one name in different folders would share them."""
+    first: dict[str, tuple[int, Path]] = {}
+    for number, (_, relative, _, _) in enumerate(entries):
+        seen = first.setdefault(relative.name, (number, relative))
+        if seen[1] != relative:
+            raise InputError(f"{path}: images[{seen[0]}] ({seen[1]}) and images[{number}] ({relative}) have the same "
+                             f"file name {relative.name}: class lists and label files name images by file name, so "
+                             "both would take the same labels; rename one of them")
 
 
 def _labels_of(name: str, labels: dict[str, list[str]], source: str, multi_label: bool) -> tuple[str, ...]:

@@ -607,6 +607,13 @@ def _edit_entry(made: dict, name: str, **changes) -> None:
      "val_002.png has 1 captions, fewer than --captions_per_image 2"),
     (lambda m: _edit_entry(m, "train_001.png", split="holdout"), (), "unknown split 'holdout'"),
     (lambda m: _edit_entry(m, "train_001.png", sentences=[{"raw": " "}] * 3), (), "sentence 0 is empty"),
+    (lambda m: _edit_entry(m, "train_001.png", filepath="../.."), (),
+     "(train_001.png): the image path ../../train_001.png leaves the --images folder"),
+    (lambda m: _edit_entry(m, "train_001.png", filename="/etc/hostname"), (), "leaves the --images folder"),
+    (lambda m: _edit_entry(m, "train_001.png", filename="train_000.png", filepath="other"), (),
+     "(train_000.png) and images[1] (other/train_000.png) have the same file name train_000.png"),
+    (lambda m: (m["classes"] / "zz.txt").write_text("elsewhere/train_000.png\n"), (),
+     "zz.txt: line 1: elsewhere/train_000.png and train_000.png"),
 ])
 def test_bad_caption_json_input_is_one_line_naming_it(tmp_path, capsys, break_it, extra, message):
     made = make_caption_json(tmp_path, JSON_SIZES, captions=3)

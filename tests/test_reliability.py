@@ -72,14 +72,20 @@ def test_resume_after_an_epoch_is_exact(tiny_data, tmp_path, straight):
     assert_same_state(weights(tmp_path), straight)
 
 
-def test_resume_mid_epoch_is_exact(tiny_data, tmp_path, straight, monkeypatch):
+def interrupt_at_epoch_2_batch_3(monkeypatch):
+    """Make the next training stop with SIGINT before batch 3 of epoch 2; returns the real train_step."""
     real_step = trainer.Trainer.train_step
 
-    def interrupt_at_epoch_2_batch_3(self, batch):
+    def step_or_stop(self, batch):
         if self.epoch == 1 and self.step == 2:
             raise trainer.Interrupted("SIGINT")
         return real_step(self, batch)
-    monkeypatch.setattr(trainer.Trainer, "train_step", interrupt_at_epoch_2_batch_3)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_or_stop)
+    return real_step
+
+
+def test_resume_mid_epoch_is_exact(tiny_data, tmp_path, straight, monkeypatch):
+    real_step = interrupt_at_epoch_2_batch_3(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         train(tiny_data, tmp_path, "--num_epochs", "2", "--lr_update", "1")
     assert stop.value.code == 130
@@ -266,7 +272,8 @@ def test_second_run_on_the_same_folder_is_refused_until_the_first_dies(tiny_data
     finally:
         first.kill()  # SIGKILL: a crash that leaves its lock file behind
         first.communicate(timeout=60)
-    third = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1"))
+    third = run_script("train_global.py", *train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1",
+                                                      "--resume", str(tmp_path / "checkpoint.pth.tar")))
     assert third.returncode == 0, third.stderr
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ import evaluate
 import reproduce
 import trainer
 from options import parse_options
-from tests.conftest import TINY_MODEL_FLAGS
+from tests.conftest import TINY_MODEL_FLAGS, make_dataset
 
 SEEDS = (1, 2)
 
@@ -156,14 +157,33 @@ def test_rerun_resumes_an_unfinished_run_and_reevaluates_it(tiny_data, tmp_path,
     state = torch.load(last, weights_only=True)
     state["evaluated"] = False  # as if interrupted between the last batch and the dev evaluation
     torch.save(state, last)
-    os.utime(os.path.join(folder, trainer.BEST))  # its best checkpoint is now newer than the evaluations
+    best = open(os.path.join(folder, trainer.BEST), "rb").read()
+    os.utime(os.path.join(folder, trainer.BEST))  # newer than the evaluations, but the same bytes
     calls["train"].clear(), calls["evaluate"].clear()
     reproduce.main(argv)
     assert [kind for kind, _ in calls["train"]] == ["local"] and "--resume" in calls["train"][0][1]
-    outputs = [argv[argv.index("--output") + 1] for argv in calls["evaluate"]]  # the ones reading it
-    assert [os.path.relpath(o, os.path.join(tmp_path, "results", tiny_data["name"], "seed1")) for o in outputs] == \
-        ["trained.json", os.path.join("instance", "trained.json")]
     assert torch.load(last, weights_only=True)["evaluated"]
+    if open(os.path.join(folder, trainer.BEST), "rb").read() == best:  # the evaluations read the same files
+        assert calls["evaluate"] == []
+    else:  # the resumed evaluation found a better epoch: the evaluations reading model_best run again
+        outputs = [argv[argv.index("--output") + 1] for argv in calls["evaluate"]]
+        assert [os.path.relpath(o, os.path.join(tmp_path, "results", tiny_data["name"], "seed1")) for o in outputs] \
+            == ["trained.json", os.path.join("instance", "trained.json")]
+
+
+def test_rerun_after_the_features_were_replaced_trains_and_evaluates_again(tmp_path, calls, capsys) -> None:
+    data = make_dataset(str(tmp_path / "data"), "tiny_precomp", {"train": 40, "dev": 20, "test": 20}, seed=3)
+    argv = reproduce_argv(data, str(tmp_path), "--seeds", "1", "--rows", "untrained,trained,noaux")
+    first = reproduce.main(argv)
+    features = os.path.join(data["coarse"], data["name"], "train_cnns.npy")
+    np.save(features, np.load(features)[::-1].copy())  # same name, shape and widths: other values
+    calls["train"].clear(), calls["evaluate"].clear()
+    again = reproduce.main(argv)
+    assert sorted(kind for kind, _ in calls["train"]) == ["global", "global"]  # full and no auxiliary terms
+    assert all("--overwrite" in argv for _, argv in calls["train"])
+    # 3 row groups under 2 protocols, all reading a global checkpoint trained again
+    assert len(calls["evaluate"]) == 6 and "the data changed since" in capsys.readouterr().out
+    assert again["label"]["rows"]["global"] != first["label"]["rows"]["global"]
 
 
 def test_changed_settings_are_refused(reproduced, tiny_data, capsys) -> None:

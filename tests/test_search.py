@@ -173,7 +173,12 @@ def test_outside_image_ranks_the_captions_as_its_row(extracted, tmp_path, capsys
     by_file, _ = run(capsys, *args, "--image", photo)
     by_row, _ = run(capsys, *args, "--image_row", "4")
     assert by_file["query"] == {"image": photo} and by_row["query"]["image_row"] == 4
-    assert [r["row"] for r in by_file["results"]] == [r["row"] for r in by_row["results"]]
+    # the same ranking; captions that encode alike (this split repeats each one, numbers are unknown words) tie
+    # and may swap within float32 noise, as local scores are summed over caption groups of similar length
+    assert sorted(r["row"] for r in by_file["results"]) == sorted(r["row"] for r in by_row["results"])
+    score_of_row = {r["row"]: r["score"] for r in by_row["results"]}
+    for got, want in zip(by_file["results"], by_row["results"]):
+        assert got["row"] == want["row"] or score_of_row[got["row"]] == pytest.approx(want["score"], abs=1e-7)
     assert len({round(r["score"], 6) for r in by_row["results"]}) > 5  # a real ranking, not one tie
     for got, want in zip(by_file["results"], by_row["results"]):
         for name in ("global", "local", "score"):
