@@ -179,7 +179,7 @@ class PrecompDataset(Dataset):
     """
 
     def __init__(self, data_path: str, data_name: str, split: str, vocab: Vocabulary,
-                 granularity: str, cnn_dim: int, bovw_dim: int, checkpoint: str = "",
+                 granularity: str, cnn_dim: int, bovw_dim: int, checkpoint: str = "", *,
                  max_words: int = MAX_CAPTION_WORDS, allow_unknown: bool = False):
         folder = os.path.join(data_path, data_name)
         self.folder, self.split = folder, split

@@ -139,7 +139,8 @@ class Subnetwork:
         if split not in self.datasets:
             self.datasets[split] = PrecompDataset(self.data_path, self.data_name, split, self.vocab, self.kind,
                                                   self.opt["cnn_dim"], self.opt["bovw_dim"], self.path,
-                                                  self.max_words, self.args.allow_unknown_words)
+                                                  max_words=self.max_words,
+                                                  allow_unknown=self.args.allow_unknown_words)
             self.provenance[split] = self._compare_with_training(split)
         return self.datasets[split]
 

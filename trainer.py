@@ -166,7 +166,7 @@ class Trainer:
     def _dataset(self, split: str) -> PrecompDataset:
         o = self.opt
         return PrecompDataset(o["data_path"], o["data_name"], split, self.vocab, self.kind, o["cnn_dim"], o["bovw_dim"],
-                              o["max_caption_words"], o["allow_unknown_words"])
+                              max_words=o["max_caption_words"], allow_unknown=o["allow_unknown_words"])
 
     def release(self) -> None:
         """Free the run folders for another run."""
