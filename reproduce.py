@@ -59,6 +59,8 @@ GROUPS = {
     "instance": ("instance", trainer.BEST, ("instance",), "instance-trained"),
     "instance_triplet": ("instance_triplet", trainer.BEST, ("instance",), "instance-trained, triplet loss"),
 }
+# row groups that --ablation_seeds may run with fewer seeds than the paper's rows (untrained, trained)
+ABLATIONS = ("noaux", "triplet", "instance", "instance_triplet")
 SUBNETWORK_ROWS = ("global", "local", "fused")
 # table columns: (direction, metric); "mean" is the mean of i2t and t2i mAP, "mR" the mean of the six R@K
 METRICS = {
@@ -87,16 +89,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--rows", default=",".join(GROUPS),
                    help=f"comma-separated row groups to run and tabulate, of {', '.join(GROUPS)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    p.add_argument("--ablation_seeds", help=f"seeds of the ablation row groups ({', '.join(ABLATIONS)}), "
+                   "when fewer runs must fit the time at hand (default: --seeds)")
     p.add_argument("--cnn_dim", type=int, help="CNN feature width (default: summary.json of the data, else 4096)")
     p.add_argument("--bovw_dim", type=int, help="BoVW feature width (default: summary.json of the data, else 500)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--results_dir", default="./results", help="tables go to <results_dir>/<data_name>/")
     p.add_argument("--runs_dir", default="./runs", help="checkpoints and logs go to <runs_dir>/<data_name>/")
     args, passthrough = p.parse_known_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    for flag in ("seeds", "ablation_seeds"):
+        given = getattr(args, flag) or args.seeds
+        try:
+            setattr(args, flag, given if isinstance(given, list) else [int(s) for s in given.split(",")])
+        except ValueError:
+            p.error(f"--{flag} must be comma-separated integers, got {given!r}")
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
     if args.early_stop < 0:
@@ -192,7 +198,17 @@ class Reproduction:
         self.variants = [v for v in VARIANTS if v in trained]
         self.evaluations = [(protocol, g) for protocol in PROTOCOLS for g in args.rows if protocol in GROUPS[g][2]]
         self.stage = 0
-        self.stages = len(args.seeds) * (len(self.variants) * len(AUX_WEIGHTS) + len(self.evaluations))
+        self.stages = (sum(len(self.variant_seeds(v)) for v in self.variants) * len(AUX_WEIGHTS) +
+                       sum(len(self.group_seeds(g)) for _, g in self.evaluations))
+
+    def group_seeds(self, group: str) -> list[int]:
+        """The seeds a row group is run and averaged over."""
+        return self.args.ablation_seeds if group in ABLATIONS else self.args.seeds
+
+    def variant_seeds(self, variant: str) -> list[int]:
+        """The seeds a training variant runs with: those of every requested row group that uses it."""
+        seeds = [s for g in self.args.rows if GROUPS[g][0] == variant for s in self.group_seeds(g)]
+        return list(dict.fromkeys(seeds))
 
     def data_path(self, kind: str) -> str:
         return self.args.global_data_path if kind == "global" else self.args.local_data_path
@@ -286,13 +302,15 @@ class Reproduction:
     def run(self) -> dict[int, dict[tuple[str, str], dict]]:
         """Every stage, seed by seed; returns the evaluation summaries by seed and (protocol, group)."""
         evaluations = {}
-        for seed in self.args.seeds:
-            if "untrained" in self.args.rows:
+        for seed in dict.fromkeys(self.args.seeds + self.args.ablation_seeds):
+            if "untrained" in self.args.rows and seed in self.args.seeds:
                 self.untrained(seed)
             for variant in self.variants:
                 for kind in AUX_WEIGHTS:
-                    self.train(variant, kind, seed)
-            evaluations[seed] = {key: self.evaluate(*key, seed) for key in self.evaluations}
+                    if seed in self.variant_seeds(variant):
+                        self.train(variant, kind, seed)
+            evaluations[seed] = {key: self.evaluate(*key, seed) for key in self.evaluations
+                                 if seed in self.group_seeds(key[1])}
         return evaluations
 
 
@@ -382,10 +400,9 @@ def run_stop(folder: str) -> tuple[int, bool]:
     return max(curve, key=lambda epoch: (curve[epoch], -epoch)), False
 
 
-def convergence(repro: Reproduction, variant: str, kinds: list[str]) -> dict[str, str]:
+def convergence(repro: Reproduction, variant: str, kinds: list[str], seeds: list[int]) -> dict[str, str]:
     """Dev trends of the runs behind a row: seeds still rising at the last epoch (per subnetwork), the mean
     best epoch and how many runs stopped early (over every run behind the row)."""
-    seeds = repro.args.seeds
     rising, stops = [], []
     for kind in kinds:
         folders = [repro.run_folder(variant, kind, s) for s in seeds]
@@ -400,10 +417,11 @@ def convergence(repro: Reproduction, variant: str, kinds: list[str]) -> dict[str
 def build_table(repro: Reproduction, evaluations: dict[int, dict[tuple[str, str], dict]], protocol: str) -> dict:
     """Mean and std over seeds of every row and metric of one protocol, with fusion weights, dev trends,
     convergence and wall times."""
-    rows, seeds = {}, repro.args.seeds
+    rows = {}
     groups = [g for p, g in repro.evaluations if p == protocol]
     for group in groups:
         variant, filename, _, suffix = GROUPS[group]
+        seeds = repro.group_seeds(group)
         for row in SUBNETWORK_ROWS:
             per_seed = [evaluations[s][protocol, group]["rows"][row] for s in seeds]
             label = row_name(row, suffix)
@@ -411,16 +429,18 @@ def build_table(repro: Reproduction, evaluations: dict[int, dict[tuple[str, str]
                            for d, m in METRICS[protocol]}
             trained = filename == trainer.BEST
             kinds = list(AUX_WEIGHTS) if row == "fused" else [row]
-            rows[label].update(convergence(repro, variant, kinds) if trained else
+            rows[label].update(convergence(repro, variant, kinds, seeds) if trained else
                                dict.fromkeys(("dev_rising_at_last_epoch", "mean_best_epoch", "stopped_early"), "-"))
-    first = evaluations[seeds[0]][protocol, groups[0]]
+            rows[label]["seeds"] = seeds
+    first = evaluations[repro.group_seeds(groups[0])[0]][protocol, groups[0]]
     wall = repro.timings.seconds
     table = {"data_name": repro.args.data_name, "protocol": protocol, "split": first["split"],
-             "images": first["images"], "captions_per_image": first["captions_per_image"], "seeds": seeds,
+             "images": first["images"], "captions_per_image": first["captions_per_image"],
+             "seeds": repro.args.seeds, "ablation_seeds": repro.args.ablation_seeds,
              "epochs": repro.args.epochs, "early_stop": repro.args.early_stop,
              "training_flags": repro.dims + repro.passthrough,
-             "fusion_weights": {group: {s: evaluations[s][protocol, group]["fusion_weight"] for s in seeds}
-                                for group in groups},
+             "fusion_weights": {group: {s: evaluations[s][protocol, group]["fusion_weight"]
+                                        for s in repro.group_seeds(group)} for group in groups},
              "rows": rows, "wall_time_s": wall, "total_wall_time_s": round(sum(wall.values()), 1)}
     if protocol == "instance":
         table["duplicate_captions"] = first.get("duplicate_captions")
@@ -432,7 +452,7 @@ def format_markdown(table: dict) -> str:
     """table.md / table_instance.md: one line per row, mean ± std over seeds; published rows beside."""
     seeds = ", ".join(map(str, table["seeds"]))
     metrics = METRICS[table["protocol"]]
-    extra = ["dev rsum rising at last epoch", "mean best epoch", "stopped early"]
+    extra = ["dev rsum rising at last epoch", "mean best epoch", "stopped early", "seeds"]
     head = ["model"] + [column(d, m) for d, m in metrics] + extra
     relevance = ("relevant = the caption's own image (instance level)" if table["protocol"] == "instance"
                  else "relevant = shared label (label level)")
@@ -446,14 +466,28 @@ def format_markdown(table: dict) -> str:
              "dev per seed: " + "; ".join(f"{name} " + ", ".join(f"{w:.2f}" for w in ws.values())
                                           for name, ws in table["fusion_weights"].items()) + ".",
              "Dev columns: seeds whose dev rsum at the last epoch beat every earlier epoch; the mean best epoch and "
-             "the runs stopped early (out of all runs behind the row).",
+             "the runs stopped early (out of all runs behind the row).", *fewer_seeds_note(table),
              f"Wall time of all stages: {table['total_wall_time_s'] / 60:.1f} min.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table["rows"].items():
-        cells = [f"{row[column(d, m)]['mean']:.2f} ± {row[column(d, m)]['std']:.2f}" for d, m in metrics]
+        cells = [mean_cell(row[column(d, m)]) for d, m in metrics]
         lines.append("| " + " | ".join([label, *cells, row["dev_rising_at_last_epoch"], row["mean_best_epoch"],
-                                        row["stopped_early"]]) + " |")
+                                        row["stopped_early"], ", ".join(map(str, row["seeds"]))]) + " |")
     return "\n".join(lines + published_markdown(table)) + "\n"
+
+
+def mean_cell(stat: dict) -> str:
+    """mean ± std, or the mean alone for a row of one seed (no spread to show)."""
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if len(stat["values"]) > 1 else "")
+
+
+def fewer_seeds_note(table: dict) -> list[str]:
+    """A line naming the rows run with --ablation_seeds when those differ from --seeds."""
+    if table.get("ablation_seeds", table["seeds"]) == table["seeds"]:
+        return []
+    fewer = [label for label, row in table["rows"].items() if row["seeds"] != table["seeds"]]
+    return [f"To fit the time at hand, {len(fewer)} ablation rows ran with seeds "
+            f"{', '.join(map(str, table['ablation_seeds']))} only (--ablation_seeds): {'; '.join(fewer)}."]
 
 
 def published_markdown(table: dict) -> list[str]:
@@ -499,7 +533,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         print("\n" + markdown + f"\nwrote {repro.results}/{name}.md and {name}.json")
     if repro.variants:
         runs = {f"{variant} {kind}": [os.path.join(repro.run_folder(variant, kind, s), "performance.log")
-                                      for s in args.seeds] for variant in repro.variants for kind in AUX_WEIGHTS}
+                                      for s in repro.variant_seeds(variant)]
+                for variant in repro.variants for kind in AUX_WEIGHTS}
         figure = os.path.join(repro.results, "dev_curves.png")
         dev_curves.draw_dev_curves(runs, figure, f"{args.data_name}: dev curves, mean over seeds")
         print(f"wrote {figure}")

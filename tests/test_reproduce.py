@@ -282,3 +282,26 @@ def test_timings_of_parallel_seed_processes_are_all_kept(tmp_path):
     first.record("seed1/train/full/global", 10.0)
     second.record("seed2/train/full/global", 20.0)
     assert reproduce.Timings(path).seconds == {"seed1/train/full/global": 10.0, "seed2/train/full/global": 20.0}
+
+
+def test_ablation_rows_run_with_their_own_seeds(tiny_data, tmp_path, calls) -> None:
+    tables = reproduce.main(reproduce_argv(tiny_data, str(tmp_path), "--seeds", "1,2", "--ablation_seeds", "2",
+                                           "--rows", "trained,noaux"))
+    trained = sorted((argv[argv.index("--model_name") + 1].split(os.sep)[-3], argv[argv.index("--seed") + 1])
+                     for _, argv in calls["train"])
+    assert trained == [("full", "1"), ("full", "1"), ("full", "2"), ("full", "2"), ("noaux", "2"), ("noaux", "2")]
+    label = tables["label"]
+    assert label["rows"]["global"]["seeds"] == [1, 2] and label["rows"]["fused, no auxiliary terms"]["seeds"] == [2]
+    assert len(label["rows"]["local, no auxiliary terms"]["t2i mAP"]["values"]) == 1
+    assert label["fusion_weights"]["noaux"].keys() == {2} and label["fusion_weights"]["trained"].keys() == {1, 2}
+    markdown = open(os.path.join(tmp_path, "results", tiny_data["name"], "table.md"), encoding="utf-8").read()
+    assert "3 ablation rows ran with seeds 2 only (--ablation_seeds)" in markdown
+    noaux_line = next(line for line in markdown.splitlines() if line.startswith("| global, no auxiliary terms |"))
+    global_line = next(line for line in markdown.splitlines() if line.startswith("| global |"))
+    assert "±" not in noaux_line and noaux_line.endswith("| 2 |")
+    assert "±" in global_line and global_line.endswith("| 1, 2 |")
+
+
+def test_ablation_seeds_are_checked(tiny_data, tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        reproduce.main(reproduce_argv(tiny_data, str(tmp_path), "--ablation_seeds", "one"))
