@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data import COARSE_FOLDER, FINE_FOLDER
 from errors import report_errors
 from extraction import backbones, pipeline
 from files import check_writable
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--captions_per_image", type=_positive,
                    help="--caption_json: keep the first K captions of each image (default: all)")
     p.add_argument("--word_list", help="Corel keyword vocabulary, one word a line (default: the dictionary file)")
-    p.add_argument("--out_path", default="./data", help="writes <out>/coarse-grained-data and fine-grained-data")
+    p.add_argument("--out_path", default="./data", help=f"writes <out>/{COARSE_FOLDER} and {FINE_FOLDER}")
     p.add_argument("--data_name", help="dataset folder name (default corel5k_precomp, <manifest>_precomp, or "
                                        "<name>_precomp for dataset_<name>.json)")
     p.add_argument("--cnn_backbone", default="alexnet", choices=tuple(backbones.BACKBONES),

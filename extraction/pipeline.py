@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data import COARSE_FOLDER, FINE_FOLDER
 from errors import InputError
 from extraction import features
 from extraction.inputs import (SPLITS, Collection, Item, label_mapping, read_caption_json, read_class_lists,
@@ -79,7 +80,8 @@ def prepare(args: argparse.Namespace, cache_root: Path) -> None:
     for s, p in paths.items():
         stages[s]["cnn"] = cnn_stage(p, s, model, device, args, cache_root)
 
-    folders = {g: Path(args.out_path) / f"{g}-grained-data" / args.data_name for g in ("coarse", "fine")}
+    folders = {"coarse": Path(args.out_path) / COARSE_FOLDER / args.data_name,
+               "fine": Path(args.out_path) / FINE_FOLDER / args.data_name}
     info = summary(args, collection, splits, labels, collection.dropped + bad, n_descriptors, cnn_width)
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)

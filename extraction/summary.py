@@ -10,6 +10,7 @@ import numpy as np
 import sklearn
 import torch
 
+from data import GRID, NUM_BLOCKS
 from extraction import backbones, features
 from extraction.inputs import Collection, Item
 
@@ -31,8 +32,8 @@ def summary(args: argparse.Namespace, collection: Collection, splits: dict[str, 
         "captions_per_image": k,
         "caption_rows": f"{k} caption lines per feature row: caption line j describes row j // {k}",
         "labels": "multi-hot (N, C)" if collection.multi_label else "one class id per row (N,)",
-        "dims": {"cnn": cnn_width, "bovw": args.codebook_size, "grid": f"{features.GRID}x{features.GRID}",
-                 "coarse": "(N, D)", "fine": f"(N, {features.N_BLOCKS}, D), blocks row-major from the top left"},
+        "dims": {"cnn": cnn_width, "bovw": args.codebook_size, "grid": f"{GRID}x{GRID}",
+                 "coarse": "(N, D)", "fine": f"(N, {NUM_BLOCKS}, D), blocks row-major from the top left"},
         "cnn": {"backbone": args.cnn_backbone, "weights": recorded_weights(args.cnn_weights),
                 **backbones.BACKBONES[args.cnn_backbone].SUMMARY,
                 "input": f"whole image and each block resized to {features.CNN_SIZE}x{features.CNN_SIZE} "

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from data import NUM_BLOCKS
 from errors import OutputError
-from extraction import features
 from extraction.inputs import SPLITS, Item
 from extraction.stage_cache import StageCache
 from files import TEMP_PREFIX, atomic_write
@@ -34,7 +34,7 @@ def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
 def write_views(stage: StageCache, name: str, coarse: Path, fine: Path) -> None:
     """Assemble cached (n, 10, D) parts into the coarse (n, D) and fine (n, 9, D) float32 files."""
     dim = stage.load(stage.chunks[0])[name].shape[-1]
-    outputs = {coarse: (stage.n_items, dim), fine: (stage.n_items, features.N_BLOCKS, dim)}
+    outputs = {coarse: (stage.n_items, dim), fine: (stage.n_items, NUM_BLOCKS, dim)}
     partial_files = {path: path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}") for path in outputs}
     arrays = {}
     try:
