@@ -21,6 +21,7 @@ from extraction.writers import remove_stale_splits, write_records, write_split
 
 
 def read_inputs(args: argparse.Namespace, cache_root: Path) -> Collection:
+    """The collection named by --caption_json, --manifest or --corel (an archive unpacks into the cache)."""
     if args.caption_json:
         labels = read_class_lists(args.class_lists) if args.class_lists else read_label_csv(args.label_csv)
         return read_caption_json(args.caption_json, args.images, labels, args.class_lists or args.label_csv,
