@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 import trainer
-from data import PrecompDataset, has_split
+from data import COARSE_FOLDER, FINE_FOLDER, PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
 from files import check_writable
 from models import build_model
@@ -22,7 +22,7 @@ from synthetic import NOTICE, generate
 from vocab import build_vocab, load_vocab, read_captions, save_vocab, vocab_file
 
 NAME = "synthetic_precomp"
-KINDS = {"global": "coarse-grained-data", "local": "fine-grained-data"}
+KINDS = {"global": COARSE_FOLDER, "local": FINE_FOLDER}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

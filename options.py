@@ -5,14 +5,14 @@ import argparse
 
 import torch
 
-from data import MAX_CAPTION_WORDS
+from data import COARSE_FOLDER, FINE_FOLDER, MAX_CAPTION_WORDS
 from errors import InputError, check_number
 from metrics import RELEVANCE
 
 SUBNETWORK_DEFAULTS = {
-    "global": dict(data_path="./data/coarse-grained-data", run_dir="./checkpoint/M2HSE/Global/Corel5K",
+    "global": dict(data_path=f"./data/{COARSE_FOLDER}", run_dir="./checkpoint/M2HSE/Global/Corel5K",
                    weights=(("alpha_1", 0.8), ("alpha_2", 0.8))),
-    "local": dict(data_path="./data/fine-grained-data", run_dir="./checkpoint/M2HSE/Local/Corel5K",
+    "local": dict(data_path=f"./data/{FINE_FOLDER}", run_dir="./checkpoint/M2HSE/Local/Corel5K",
                   weights=(("beta_1", 0.4), ("beta_2", 0.4))),
 }
 

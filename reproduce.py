@@ -32,6 +32,7 @@ import provenance  # noqa: E402
 import run_folder  # noqa: E402
 import trainer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from data import COARSE_FOLDER, FINE_FOLDER  # noqa: E402
 from errors import InputError, report_errors  # noqa: E402
 from files import atomic_write_bytes, check_writable  # noqa: E402
 from models import build_model  # noqa: E402
@@ -78,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     """reproduce.py's own flags, and the rest (passed through to the training scripts)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --seed must not be read as --seeds
-    p.add_argument("--global_data_path", default="./data/coarse-grained-data")
-    p.add_argument("--local_data_path", default="./data/fine-grained-data")
+    p.add_argument("--global_data_path", default=f"./data/{COARSE_FOLDER}")
+    p.add_argument("--local_data_path", default=f"./data/{FINE_FOLDER}")
     p.add_argument("--data_name", default="corel5k_precomp")
     p.add_argument("--vocab_path", default="./vocab", help="built from train and dev captions when missing")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of every subnetwork (the most, with "

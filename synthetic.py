@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from data import NUM_BLOCKS
+from data import COARSE_FOLDER, FINE_FOLDER, NUM_BLOCKS
 from errors import check_number, report_errors
 from files import atomic_write, atomic_write_bytes
 
@@ -62,7 +62,7 @@ class SyntheticSpec:
 
 def write_split(out_path: str, data_name: str, split: str, items: dict) -> None:
     """Write one split to both granularities; global features are the block means."""
-    for granularity, reduce in (("fine-grained-data", lambda a: a), ("coarse-grained-data", lambda a: a.mean(1))):
+    for granularity, reduce in ((FINE_FOLDER, lambda a: a), (COARSE_FOLDER, lambda a: a.mean(1))):
         folder = os.path.join(out_path, granularity, data_name)
         atomic_write_bytes(os.path.join(folder, f"{split}_caps.txt"), ("\n".join(items["captions"]) + "\n").encode())
         for kind, array in (("cnns", reduce(items["local_cnns"]).astype(np.float32)),

@@ -18,6 +18,7 @@ import time
 import torch
 
 import trainer
+from data import COARSE_FOLDER, FINE_FOLDER
 from synthetic import generate
 from vocab import build_vocab, save_vocab, vocab_file
 
@@ -26,15 +27,14 @@ DATA_NAME = "amp_precomp"
 
 def make_data(root: str, train: int) -> None:
     generate(root, DATA_NAME, {"train": train, "dev": train // 4, "test": 0}, seed=5)
-    caps = [os.path.join(root, "coarse-grained-data", DATA_NAME, f"{s}_caps.txt") for s in ("train", "dev")]
+    caps = [os.path.join(root, COARSE_FOLDER, DATA_NAME, f"{s}_caps.txt") for s in ("train", "dev")]
     save_vocab(build_vocab(caps, threshold=1), vocab_file(os.path.join(root, "vocab"), DATA_NAME))
 
 
 def train(kind: str, amp: str, root: str, args: argparse.Namespace) -> dict:
     """Train one run quietly; its step losses, final dev rsum and seconds per epoch."""
     run_dir = os.path.join(root, f"{kind}-{amp}")
-    granularity = "coarse" if kind == "global" else "fine"
-    argv = ["--data_path", os.path.join(root, f"{granularity}-grained-data"), "--data_name", DATA_NAME,
+    argv = ["--data_path", os.path.join(root, COARSE_FOLDER if kind == "global" else FINE_FOLDER), "--data_name", DATA_NAME,
             "--vocab_path", os.path.join(root, "vocab"), "--logger_name", run_dir, "--model_name", run_dir,
             "--num_epochs", str(args.epochs), "--batch_size", "100", "--log_step", "1", "--amp", amp,
             "--device", args.device]

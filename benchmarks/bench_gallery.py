@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from data import COARSE_FOLDER, FINE_FOLDER, NUM_BLOCKS
+
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {"cnn_dim": 512, "bovw_dim": 64}
 MODEL_FLAGS = ["--embed_size", "256", "--word_dim", "300", "--batch_size", "500", "--device", "cpu"]
@@ -72,7 +74,7 @@ def _generate(folder: str, n: int, chunk: int = 10000) -> None:
     from synthetic import NOTICE, SyntheticSpec
     spec = SyntheticSpec(0, 50, 260, DIMS["cnn_dim"], DIMS["bovw_dim"])
     outputs = {}
-    for granularity, block_axis in (("fine-grained-data", (9,)), ("coarse-grained-data", ())):
+    for granularity, block_axis in ((FINE_FOLDER, (NUM_BLOCKS,)), (COARSE_FOLDER, ())):
         out = os.path.join(folder, granularity, "bench_precomp")
         os.makedirs(out, exist_ok=True)
         Path(out, "SYNTHETIC.txt").write_text(NOTICE)
@@ -87,7 +89,7 @@ def _generate(folder: str, n: int, chunk: int = 10000) -> None:
         for granularity, arrays in outputs.items():
             for kind, array in arrays.items():
                 blocks = items[f"local_{kind}"]
-                array[start:start + len(blocks)] = blocks if granularity == "fine-grained-data" else blocks.mean(1)
+                array[start:start + len(blocks)] = blocks if granularity == FINE_FOLDER else blocks.mean(1)
     for granularity, arrays in outputs.items():
         for array in arrays.values():
             array.flush()
@@ -103,12 +105,12 @@ def _prepare(folder: str, n: int) -> dict:
     from options import parse_options
     from vocab import build_vocab, save_vocab, vocab_file
     _generate(folder, n)
-    caps = os.path.join(folder, "coarse-grained-data", "bench_precomp", "test_caps.txt")
+    caps = os.path.join(folder, COARSE_FOLDER, "bench_precomp", "test_caps.txt")
     vocab = build_vocab([caps], threshold=1)
     save_vocab(vocab, vocab_file(folder, "bench_precomp"))
     paths = {}
     for kind in ("global", "local"):
-        data = os.path.join(folder, "coarse-grained-data" if kind == "global" else "fine-grained-data")
+        data = os.path.join(folder, COARSE_FOLDER if kind == "global" else FINE_FOLDER)
         opt = parse_options(kind, ["--data_path", data, "--data_name", "bench_precomp", "--vocab_path", folder,
                                    "--cnn_dim", str(DIMS["cnn_dim"]), "--bovw_dim", str(DIMS["bovw_dim"]),
                                    *MODEL_FLAGS])
@@ -129,8 +131,8 @@ def _evaluate_child(folder: str, shortlist: int) -> None:
     gallery.local_scores = meter.wrap("local_reranking", gallery.local_scores)
     argv = ["--global_ckpt", os.path.join(folder, "global.pth.tar"),
             "--local_ckpt", os.path.join(folder, "local.pth.tar"),
-            "--global_data_path", os.path.join(folder, "coarse-grained-data"),
-            "--local_data_path", os.path.join(folder, "fine-grained-data"),
+            "--global_data_path", os.path.join(folder, COARSE_FOLDER),
+            "--local_data_path", os.path.join(folder, FINE_FOLDER),
             "--fusion_weight", "0.5", "--device", "cpu", "--output", os.path.join(folder, f"eval_{shortlist}.json")]
     if shortlist:
         argv += ["--shortlist", str(shortlist)]

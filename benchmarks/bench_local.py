@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from data import NUM_BLOCKS
 from loss import msb_loss
 from model_local import LocalModel
 from tests.reference_local import reference_forward, reference_text_image
@@ -26,7 +27,6 @@ FULL_OPT = {"cnn_dim": 4096, "bovw_dim": 500, "embed_size": 1024, "word_dim": 30
             "bi_gru": True, "raw_feature_norm": "clipped_l2norm", "lambda_softmax": 9.0,
             "beta_1": 0.4, "beta_2": 0.4}
 VOCAB = 300
-N_BLOCKS = 9
 MIN_WORDS, MAX_WORDS = 3, 7
 N_LABELS = 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def _lengths(n: int, gen: torch.Generator) -> torch.Tensor:
 
 def _training_batch(batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Block features, padded captions, lengths and labels of one batch."""
-    cnn = torch.rand(batch_size, N_BLOCKS, FULL_OPT["cnn_dim"], generator=gen)
-    bovw = torch.rand(batch_size, N_BLOCKS, FULL_OPT["bovw_dim"], generator=gen)
+    cnn = torch.rand(batch_size, NUM_BLOCKS, FULL_OPT["cnn_dim"], generator=gen)
+    bovw = torch.rand(batch_size, NUM_BLOCKS, FULL_OPT["bovw_dim"], generator=gen)
     lengths = _lengths(batch_size, gen)
     captions = torch.randint(4, VOCAB, (batch_size, MAX_WORDS), generator=gen)
     captions[torch.arange(MAX_WORDS)[None, :] >= lengths[:, None]] = 0
@@ -55,7 +55,7 @@ def _training_batch(batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor
 def _embeddings(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unit block embeddings (n, 9, d), zero-padded unit word vectors (n, 7, d) and lengths."""
     d = FULL_OPT["embed_size"]
-    images = F.normalize(torch.randn(n, N_BLOCKS, d, generator=gen), dim=-1)
+    images = F.normalize(torch.randn(n, NUM_BLOCKS, d, generator=gen), dim=-1)
     lengths = _lengths(n, gen)
     texts = F.normalize(torch.randn(n, MAX_WORDS, d, generator=gen), dim=-1)
     texts[torch.arange(MAX_WORDS)[None, :] >= lengths[:, None]] = 0

@@ -16,8 +16,10 @@ import time
 import numpy as np
 import torch
 
+from data import COARSE_FOLDER, FINE_FOLDER
+
 RSICD = dict(train_captions=43670, dev_images=1094, captions_per_image=5, cnn_dim=1280, bovw_dim=500, categories=31)
-FOLDERS = {"global": "coarse-grained-data", "local": "fine-grained-data"}
+FOLDERS = {"global": COARSE_FOLDER, "local": FINE_FOLDER}
 
 
 def time_subnetwork(root: str, kind: str, embed_size: int, batch_size: int, cpu_time: bool) -> dict:
@@ -82,7 +84,7 @@ def main() -> None:
         generate(root, "bench_precomp", {"train": args.train // k, "dev": RSICD["dev_images"]}, RSICD["cnn_dim"],
                  RSICD["bovw_dim"], RSICD["categories"], captions_per_image=k)
         lengthen_captions(root, seed=0)
-        save_vocab(build_vocab([f"{root}/coarse-grained-data/bench_precomp/train_caps.txt"]),
+        save_vocab(build_vocab([f"{root}/{COARSE_FOLDER}/bench_precomp/train_caps.txt"]),
                    vocab_file(root, "bench_precomp"))
         for setting in args.settings.split(","):
             embed_size, batch_size = map(int, setting.split(":"))

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from data import COARSE_FOLDER, FINE_FOLDER
 from loss import msb_loss
 from metrics import ranking_metrics
 from tests.references import map_reference, msb_loss_reference
@@ -71,7 +72,7 @@ def bench_epoch(kind: str, items: int = 4493) -> dict:
     from vocab import build_vocab, save_vocab, vocab_file
     with tempfile.TemporaryDirectory() as root:
         generate(root, "bench_precomp", {"train": items, "dev": 100})
-        folder = "coarse-grained-data" if kind == "global" else "fine-grained-data"
+        folder = COARSE_FOLDER if kind == "global" else FINE_FOLDER
         save_vocab(build_vocab([f"{root}/{folder}/bench_precomp/train_caps.txt"]), vocab_file(root, "bench_precomp"))
         opt = parse_options(kind, ["--data_path", f"{root}/{folder}", "--data_name", "bench_precomp",
                                    "--vocab_path", root, "--logger_name", f"{root}/run",

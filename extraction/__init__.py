@@ -1,1 +1,2 @@
-"""Feature extraction from raw images: CNN backbones, dense-SIFT BoVW, input collections (used by prepare_data.py)."""
+"""Feature extraction from raw images for prepare_data.py: the resumable pipeline (its stages, cache, writers and
+summary), CNN backbones, dense-SIFT BoVW and the input collections."""

@@ -162,7 +162,7 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a loadable state dict ({err})") from None
 
 
-def load_weights(model: nn.Module, name: str, weights: str, offline: bool = False) -> None:
+def load_backbone_weights(model: nn.Module, name: str, weights: str, offline: bool = False) -> None:
     """Load 'imagenet' or a file into model, strictly: every key present and of the right shape; offline, the
     AlexNet file must already be in torch.hub's cache."""
     if weights == "imagenet" and name == "alexnet":
@@ -187,5 +187,5 @@ def build_backbone(name: str, weights: str, seed: int = 0, offline: bool = False
         torch.manual_seed(seed)
         model = BACKBONES[name]()
     if weights != "random":
-        load_weights(model, name, weights, offline)
+        load_backbone_weights(model, name, weights, offline)
     return model.eval().for_inference(), model.WIDTH

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-GRID = 3
-N_BLOCKS = GRID * GRID
-N_VIEWS = 1 + N_BLOCKS  # the whole image, then the blocks
+from data import GRID, NUM_BLOCKS
+
+N_VIEWS = 1 + NUM_BLOCKS  # the whole image, then the blocks
 CNN_SIZE = 224
 SIFT_DIM = 128
 
@@ -148,7 +148,7 @@ def bovw_histograms(points: np.ndarray, words: np.ndarray, width: int, height: i
     blocks = block_of_points(points, width, height)
     counts = np.zeros((N_VIEWS, size), np.float32)
     counts[0] = np.bincount(words, minlength=size)
-    counts[1:] = np.bincount(blocks * size + words, minlength=N_BLOCKS * size).reshape(N_BLOCKS, size)
+    counts[1:] = np.bincount(blocks * size + words, minlength=NUM_BLOCKS * size).reshape(NUM_BLOCKS, size)
     return l1_normalise(counts)
 
 

@@ -28,6 +28,9 @@ import vocab as vocab_cli
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset
 from errors import InputError, OutputError
+from extraction.inputs import read_manifest
+from extraction.stage_cache import StageCache
+from extraction.writers import write_views
 from files import atomic_write, atomic_write_bytes, read_utf8, remove_stale_temporaries
 from tests.conftest import REPO, train_argv
 from vocab import Vocabulary, load_vocab, read_captions, vocab_file
@@ -181,14 +184,14 @@ def test_a_run_started_on_a_full_disk_stops_before_any_work(disk, tiny_data, tmp
 
 
 def test_feature_files_on_a_full_disk_leave_no_partial_file(disk, tmp_path):
-    stage = prepare_data.StageCache(tmp_path / "cache", "cnn", {}, n_items=20, chunk_size=8)
+    stage = StageCache(tmp_path / "cache", "cnn", {}, n_items=20, chunk_size=8)
     for chunk in stage.chunks:
         stage.save(chunk, {"cnn": np.ones((len(chunk), 10, 4096), np.float32)})
     coarse, fine = disk.folder / "train_cnns.npy", disk.folder / "fine_train_cnns.npy"
     coarse.write_bytes(b"previous")
     disk.fill()
     with pytest.raises(OutputError, match="cannot be written.*the cached features are kept"):
-        prepare_data.write_views(stage, "cnn", coarse, fine)
+        write_views(stage, "cnn", coarse, fine)
     assert coarse.read_bytes() == b"previous" and disk.names() == {"train_cnns.npy"}
     assert stage.missing() == []
 
@@ -412,7 +415,7 @@ def test_bad_utf8_in_a_vocabulary_manifest_or_caption_json_is_one_line(tmp_path)
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(b"image,caption,label,split\na.jpg,caf\xe9,1,train\n")
     with pytest.raises(InputError, match=r"m.csv: not valid UTF-8 \(.*byte offset 35, line 2\)"):
-        prepare_data.read_manifest(str(manifest))
+        read_manifest(str(manifest))
     from extraction.inputs import _load_caption_json
     caption_json = tmp_path / "dataset_x.json"
     caption_json.write_bytes(b'{"images": [{"filename": "a.png",\n "sentences": [{"raw": "caf\xe9"}]}]}')

@@ -24,6 +24,8 @@ from errors import InputError
 from extraction import backbones, features
 import prepare_data
 from extraction.inputs import label_mapping, read_corel, read_manifest
+from extraction.stages import weights_identity
+from extraction.summary import recorded_weights
 
 from tests._images import draw_image, make_caption_json, make_collection, write_manifest
 from tests.conftest import run_script
@@ -155,7 +157,7 @@ def test_efficientnet_imagenet_weights_load_offline_and_classify():
 
 
 def test_cache_key_depends_on_the_backbone():
-    keys = {prepare_data.weights_identity(b, w, 0) for b in backbones.BACKBONES for w in ("random", "imagenet")}
+    keys = {weights_identity(b, w, 0) for b in backbones.BACKBONES for w in ("random", "imagenet")}
     assert len(keys) == 4
 
 
@@ -206,8 +208,8 @@ def test_nearest_centre_assignment():
 
 def test_summary_records_a_weight_file_by_its_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # search.py, run from elsewhere, must still find the file
-    assert prepare_data.recorded_weights("w/alexnet.pth") == str(tmp_path / "w" / "alexnet.pth")
-    assert [prepare_data.recorded_weights(w) for w in ("imagenet", "random")] == ["imagenet", "random"]
+    assert recorded_weights("w/alexnet.pth") == str(tmp_path / "w" / "alexnet.pth")
+    assert [recorded_weights(w) for w in ("imagenet", "random")] == ["imagenet", "random"]
 
 
 def test_label_mapping_sorted_numeric_when_all_integers():
