@@ -26,8 +26,7 @@ import torch
 
 from errors import InputError
 from files import atomic_write_bytes
-from loss import relevance
-from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, summarize_queries
+from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, relevance, summarize_queries
 from provenance import sha256_file
 from scoring import encode_split
 

@@ -31,8 +31,7 @@ from errors import InputError, OutputError, report_errors
 from files import atomic_write_bytes
 from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
-from loss import relevance as relevance_of
-from metrics import protocol_labels
+from metrics import protocol_labels, relevance as relevance_of
 from options import resolve_device
 from vocab import read_captions
 

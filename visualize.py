@@ -25,8 +25,7 @@ import evaluate
 from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from files import atomic_write, check_writable
-from loss import relevance
-from metrics import protocol_labels
+from metrics import protocol_labels, relevance
 from model_local import text_to_image_attention
 from options import resolve_device
 from vocab import read_captions
