@@ -101,7 +101,7 @@ def global_shortlists(images: torch.Tensor, texts: torch.Tensor, k: int) -> tupl
             Shortlist(*rank(t2i_scores, t2i_items)))
 
 
-def local_scores(shortlist: Shortlist, direction: str, scorer: ShortlistScorer) -> torch.Tensor:
+def shortlist_local_scores(shortlist: Shortlist, direction: str, scorer: ShortlistScorer) -> torch.Tensor:
     """Local S_P (Q, K) of each query and its shortlisted items, about PAIRS_PER_CALL pairs per call."""
     n_queries, k = shortlist.items.shape
     step = max(1, PAIRS_PER_CALL // k)
@@ -137,7 +137,7 @@ def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: t
                                                                ("t2i", t2i, text_labels, image_labels)):
         rows = {"global": shortlist.scores}
         if scorer is not None:
-            rows["local"] = local_scores(shortlist, direction, scorer).to(shortlist.scores)
+            rows["local"] = shortlist_local_scores(shortlist, direction, scorer).to(shortlist.scores)
             if weight is not None:
                 rows["fused"] = weight * rows["global"] + (1 - weight) * rows["local"]
         for name, metrics in shortlist_metrics(rows, shortlist, query_labels, gallery_labels).items():

@@ -177,7 +177,7 @@ def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
     """Local S_P of the query and each candidate, encoding only these candidates."""
     dataset, model = net.dataset(split), net.model
     if "text" in query:
@@ -248,7 +248,7 @@ def candidate_scores(args: argparse.Namespace, nets: list, split: str, query: di
     """Global, local and fused ("score") scores of the candidates; "score" is global alone without a local net."""
     if len(nets) == 1:
         return {"global": global_scores, "score": global_scores}
-    local = local_scores(nets[1], split, query, rows)
+    local = candidate_local_scores(nets[1], split, query, rows)
     fused = args.fusion_weight * global_scores + (1 - args.fusion_weight) * local
     return {"global": global_scores, "local": local, "score": fused}
 

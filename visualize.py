@@ -81,7 +81,7 @@ def thumbnail(path: str, frame: tuple[int, int, int] | None = None) -> Image.Ima
     return ImageOps.expand(image, border=max(4, THUMB // 24), fill=frame) if frame else image
 
 
-class Gallery:
+class ScoredSplit:
     """A split's similarities, images, captions and relevance, as the figures need them."""
 
     def __init__(self, args: argparse.Namespace):
@@ -145,53 +145,53 @@ def wrapped(text: str, width: int = 24, lines: int = 5) -> str:
     return "\n".join(textwrap.wrap(text, width)[:lines])
 
 
-def draw_text_to_image(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+def draw_text_to_image(scored: ScoredSplit, queries: np.ndarray, path: str) -> None:
     """Each caption query, then its top images framed green (relevant) or red."""
     plt, fig, axes = plt_figure(len(queries), TOP + 1, 2.2 * (TOP + 1), 2.0 * len(queries))
     for row, caption in zip(axes, queries):
-        named = gallery.named(gallery.image_of_caption(caption))
-        row[0].text(0.0, 0.5, f"caption {caption}{named}:\n" + wrapped(gallery.captions[caption]), va="center",
+        named = scored.named(scored.image_of_caption(caption))
+        row[0].text(0.0, 0.5, f"caption {caption}{named}:\n" + wrapped(scored.captions[caption]), va="center",
                     fontsize=10, wrap=True)
-        for rank, (ax, image) in enumerate(zip(row[1:], ranked(gallery.sims[:, caption])), 1):
-            hit = gallery.relevant[image, caption]
-            ax.imshow(thumbnail(gallery.images[image], GREEN if hit else RED))
-            ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}{gallery.named(image)}", fontsize=9)
-    fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant "
-                 f"({gallery.meaning}), red: not", fontsize=11)
+        for rank, (ax, image) in enumerate(zip(row[1:], ranked(scored.sims[:, caption])), 1):
+            hit = scored.relevant[image, caption]
+            ax.imshow(thumbnail(scored.images[image], GREEN if hit else RED))
+            ax.set_title(f"#{rank}  {scored.sims[image, caption]:.3f}{scored.named(image)}", fontsize=9)
+    fig.suptitle(f"caption -> image, {scored.split} split, {scored.describe}; green: relevant "
+                 f"({scored.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 
-def draw_image_to_text(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+def draw_image_to_text(scored: ScoredSplit, queries: np.ndarray, path: str) -> None:
     """Each image query, then its top captions in green (relevant) or red."""
     plt, fig, axes = plt_figure(len(queries), 2, 11.0, 2.0 * len(queries), width_ratios=[1, 3.5])
     for (image_ax, text_ax), image in zip(axes, queries):
-        image_ax.imshow(thumbnail(gallery.images[image]))
-        image_ax.set_title(f"image {image}{gallery.named(image)}", fontsize=9)
-        for rank, caption in enumerate(ranked(gallery.sims[image]), 1):
-            hit = gallery.relevant[image, caption]
-            text = textwrap.shorten(gallery.captions[caption], 80)
-            text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {gallery.sims[image, caption]:.3f}  {text}",
+        image_ax.imshow(thumbnail(scored.images[image]))
+        image_ax.set_title(f"image {image}{scored.named(image)}", fontsize=9)
+        for rank, caption in enumerate(ranked(scored.sims[image]), 1):
+            hit = scored.relevant[image, caption]
+            text = textwrap.shorten(scored.captions[caption], 80)
+            text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {scored.sims[image, caption]:.3f}  {text}",
                          color=np.array(GREEN if hit else RED) / 255, fontsize=10, va="center")
-    fig.suptitle(f"image -> caption, {gallery.split} split, {gallery.describe}; green: relevant "
-                 f"({gallery.meaning}), red: not", fontsize=11)
+    fig.suptitle(f"image -> caption, {scored.split} split, {scored.describe}; green: relevant "
+                 f"({scored.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 
 @torch.no_grad()
-def word_attention(gallery: Gallery, caption: int) -> tuple[list[str], np.ndarray]:
+def word_attention(scored: ScoredSplit, caption: int) -> tuple[list[str], np.ndarray]:
     """Tokens of a caption (with <start> and <end>) and their attention weights (words x 9 blocks)."""
-    net = gallery.local
-    cnn, _, tokens, *_ = net.dataset(gallery.split)[caption]
+    net = scored.local
+    cnn, _, tokens, *_ = net.dataset(scored.split)[caption]
     lengths = torch.tensor([len(tokens)])
     blocks, words = net.model.encode_primary(cnn[None].to(net.device), tokens[None].to(net.device), lengths)
     weights = text_to_image_attention(words[0], blocks[0], net.model.raw_feature_norm, net.model.lambda_softmax)
     return [net.vocab.idx2word[int(t)] for t in tokens], weights.cpu().numpy()
 
 
-def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
+def draw_attention(scored: ScoredSplit, caption: int, path: str) -> None:
     """The image of a caption, then one panel per word with its attention over the 3x3 blocks."""
-    words, weights = word_attention(gallery, caption)
-    image = thumbnail(gallery.images[gallery.image_of_caption(caption)])
+    words, weights = word_attention(scored, caption)
+    image = thumbnail(scored.images[scored.image_of_caption(caption)])
     width, height = image.size
     grid = int(round(weights.shape[1] ** 0.5))
     cols = min(len(words) + 1, 7)
@@ -209,9 +209,9 @@ def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
             ax.text((k % grid + 0.5) * width / grid, (k // grid + 0.5) * height / grid, f"{value:.2f}",
                     ha="center", va="center", fontsize=7, color="white")
         ax.set_title(word, fontsize=10)
-    fig.suptitle(f"local attention of caption {caption} over its image's 3x3 blocks ({gallery.split} split; "
+    fig.suptitle(f"local attention of caption {caption} over its image's 3x3 blocks ({scored.split} split; "
                  "each word's weights sum to 1, <unk>: a word outside the vocabulary)\n"
-                 + wrapped(gallery.captions[caption], 90, 2), fontsize=10)
+                 + wrapped(scored.captions[caption], 90, 2), fontsize=10)
     save(plt, fig, path)
 
 
@@ -220,20 +220,20 @@ def main(argv: list[str] | None = None) -> list[str]:
     """Draw the figures; returns the paths written."""
     args = parse_args(argv)
     check_writable(args.out_dir, "--out_dir")
-    gallery = Gallery(args)
+    scored = ScoredSplit(args)
     rng = np.random.default_rng(args.seed)
-    n_images, n_captions = gallery.sims.shape
+    n_images, n_captions = scored.sims.shape
     caption_queries = rng.choice(n_captions, min(args.queries, n_captions), replace=False)
     image_queries = rng.choice(n_images, min(args.queries, n_images), replace=False)
     paths = [os.path.join(args.out_dir, "text_to_image.png"), os.path.join(args.out_dir, "image_to_text.png")]
-    draw_text_to_image(gallery, caption_queries, paths[0])
-    draw_image_to_text(gallery, image_queries, paths[1])
-    if gallery.local is None:
+    draw_text_to_image(scored, caption_queries, paths[0])
+    draw_image_to_text(scored, image_queries, paths[1])
+    if scored.local is None:
         print("notice: no --local_ckpt, so no attention figures")
         return paths
     for caption in caption_queries:
         paths.append(os.path.join(args.out_dir, f"attention_{caption}.png"))
-        draw_attention(gallery, int(caption), paths[-1])
+        draw_attention(scored, int(caption), paths[-1])
     return paths
 
 

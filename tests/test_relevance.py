@@ -168,7 +168,7 @@ def test_visualize_frames_follow_the_protocol(twin_data, tmp_path):
             f.write(str(tmp_path / f"{row}.png") + "\n")
     args = visualize.parse_args(["--global_ckpt", twin_data["checkpoints"]["global"], "--data_path",
                                  twin_data["coarse"], "--device", "cpu", "--relevance", "instance"])
-    gallery = visualize.Gallery(args)
+    gallery = visualize.ScoredSplit(args)
     want = np.arange(40)[None] // K == np.arange(8)[:, None]
     np.testing.assert_array_equal(gallery.relevant, want)
     assert gallery.meaning == visualize.RELEVANT_MEANS["instance"]
