@@ -12,7 +12,6 @@ Global mAP@all over the whole gallery runs in blocks of queries (bounded memory)
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -241,12 +240,8 @@ def npy_bytes(values: np.ndarray) -> bytes:
 
 
 def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: dict) -> None:
-    """Arrays first, each atomically, then the fingerprint with their checksums: a folder is reused only whole."""
-    for stale in glob.glob(os.path.join(folder, "index_*.faiss*")):  # search.py's, built on older embeddings
-        try:
-            os.remove(stale)
-        except OSError:
-            pass  # their own checksums refuse them later
+    """Arrays first, each atomically, then the fingerprint with their checksums: a folder is reused only whole.
+    Other files in the folder are left alone (search.py's indexes check the embeddings they were built from)."""
     checksums = {}
     for name, values in embeddings.items():
         payload = npy_bytes(values.numpy())
