@@ -276,10 +276,10 @@ class Reproduction:
             print(f"evaluated earlier ({output}), skipped", flush=True)
             return earlier
         start = time.time()
-        summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
-                                 "--global_data_path", self.args.global_data_path, "--local_data_path",
-                                 self.args.local_data_path, "--device", self.args.device, "--output", output,
-                                 "--relevance", protocol])
+        summary = evaluate.run(evaluate.EvaluationConfig(
+            global_ckpt=ckpts["global"], local_ckpt=ckpts["local"], tune_fusion=True,
+            global_data_path=self.args.global_data_path, local_data_path=self.args.local_data_path,
+            device=self.args.device, output=output, relevance=protocol))
         self.timings.record(f"seed{seed}/evaluate/{stage}", time.time() - start)
         return summary
 

@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import evaluate
 from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from files import atomic_write, check_writable
 from metrics import protocol_labels, relevance
 from model_local import text_to_image_attention
-from options import resolve_device
+from subnetwork import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
 from vocab import read_captions
 
 TOP = 5
@@ -36,14 +36,26 @@ THUMB = 192  # pixels of the longer side of a drawn image
 RELEVANT_MEANS = {"label": "shared category", "instance": "the caption describes that very image"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class FigureConfig(SubnetworkConfig):
+    """Which figures to draw and where (visualize.py's flags, whose defaults are these)."""
+
+    images_file: str = ""  # image path of each feature row; "": <data>/<split>_images.txt
+    out_dir: str = "figures"
+    queries: int = 4  # queries per figure (and attention figures)
+    seed: int = 0  # of the query choice
+    tune_fusion: bool = False  # w: the best on dev instead of fusion_weight
+
+
+def parse_args(argv: list[str] | None = None) -> FigureConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_subnetwork_arguments(p, "draw")
-    p.add_argument("--images_file", default="", help="image path of each feature row "
+    add_subnetwork_arguments(p, "draw")
+    d = FigureConfig()
+    p.add_argument("--images_file", default=d.images_file, help="image path of each feature row "
                    "(default: <data>/<split>_images.txt); relative paths are read from its folder")
-    p.add_argument("--out_dir", default="figures")
-    p.add_argument("--queries", type=int, default=4, help="queries per figure (and attention figures)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
+    p.add_argument("--out_dir", default=d.out_dir)
+    p.add_argument("--queries", type=int, default=d.queries, help="queries per figure (and attention figures)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the query choice")
     p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by the --relevance protocol's rsum")
     args = p.parse_args(argv)
     if not (args.global_ckpt or args.local_ckpt):
@@ -52,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--queries must be at least 1")
     if args.seed < 0:
         p.error("--seed must be at least 0 (numpy's generators take no negative seed)")
-    evaluate.check_subnetwork_arguments(p, args)
-    return args
+    check_subnetwork_arguments(p, args)
+    return FigureConfig.from_flags(args)
 
 
 def read_image_paths(path: str, count: int) -> list[str]:
@@ -84,14 +96,10 @@ def thumbnail(path: str, frame: tuple[int, int, int] | None = None) -> Image.Ima
 class ScoredSplit:
     """A split's similarities, images, captions and relevance, as the figures need them."""
 
-    def __init__(self, args: argparse.Namespace):
-        nets = evaluate.open_subnetworks(args, resolve_device(args.device))
-        self.split = evaluate.pick_split(nets, args.split)
-        weight = None
-        if len(nets) == 2:
-            evaluate.check_same_items(nets, self.split)
-            weight = evaluate.tune_weight(nets, args.relevance) if args.tune_fusion else args.fusion_weight
-        rows = evaluate.score_rows(nets, self.split, weight)
+    def __init__(self, config: FigureConfig):
+        opened = open_split(config, config.tune_fusion)
+        nets, self.split, weight = opened.nets, opened.split, opened.weight
+        rows = score_rows(nets, self.split, weight)
         self.score_name = "fused" if weight is not None else nets[0].kind
         self.sims = rows[self.score_name]  # (images, captions)
         self.describe = f"{self.score_name} score" + (f", w = {weight:.2f}" if weight is not None else "")
@@ -99,12 +107,12 @@ class ScoredSplit:
         dataset = nets[0].dataset(self.split)
         folder = os.path.join(nets[0].data_path, nets[0].data_name)
         self.captions = read_captions(split_file(folder, self.split, "caps"))
-        self.images = read_image_paths(args.images_file or os.path.join(folder, f"{self.split}_images.txt"),
+        self.images = read_image_paths(config.images_file or os.path.join(folder, f"{self.split}_images.txt"),
                                        self.sims.shape[0])
         self.captions_per_image = dataset.captions_per_image
-        labels = protocol_labels(args.relevance, dataset.labels.numpy(), dataset.caption_labels.numpy())
+        labels = protocol_labels(config.relevance, dataset.labels.numpy(), dataset.caption_labels.numpy())
         self.relevant = relevance(*(torch.from_numpy(x) for x in labels)).numpy()  # (images, captions)
-        self.meaning = RELEVANT_MEANS[args.relevance]
+        self.meaning = RELEVANT_MEANS[config.relevance]
         names = class_names(folder)
         self.classes = [label_names(label, names) for label in dataset.labels] if names else None
 
@@ -218,21 +226,21 @@ def draw_attention(scored: ScoredSplit, caption: int, path: str) -> None:
 @report_errors
 def main(argv: list[str] | None = None) -> list[str]:
     """Draw the figures; returns the paths written."""
-    args = parse_args(argv)
-    check_writable(args.out_dir, "--out_dir")
-    scored = ScoredSplit(args)
-    rng = np.random.default_rng(args.seed)
+    config = parse_args(argv)
+    check_writable(config.out_dir, "--out_dir")
+    scored = ScoredSplit(config)
+    rng = np.random.default_rng(config.seed)
     n_images, n_captions = scored.sims.shape
-    caption_queries = rng.choice(n_captions, min(args.queries, n_captions), replace=False)
-    image_queries = rng.choice(n_images, min(args.queries, n_images), replace=False)
-    paths = [os.path.join(args.out_dir, "text_to_image.png"), os.path.join(args.out_dir, "image_to_text.png")]
+    caption_queries = rng.choice(n_captions, min(config.queries, n_captions), replace=False)
+    image_queries = rng.choice(n_images, min(config.queries, n_images), replace=False)
+    paths = [os.path.join(config.out_dir, "text_to_image.png"), os.path.join(config.out_dir, "image_to_text.png")]
     draw_text_to_image(scored, caption_queries, paths[0])
     draw_image_to_text(scored, image_queries, paths[1])
     if scored.local is None:
         print("notice: no --local_ckpt, so no attention figures")
         return paths
     for caption in caption_queries:
-        paths.append(os.path.join(args.out_dir, f"attention_{caption}.png"))
+        paths.append(os.path.join(config.out_dir, f"attention_{caption}.png"))
         draw_attention(scored, int(caption), paths[-1])
     return paths
 
