@@ -143,12 +143,12 @@ def search_index(index, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return torch.from_numpy(scores[0][kept]).double(), torch.from_numpy(rows[0][kept]).long()
 
 
-def image_list_file(net, split: str) -> str:
+def image_list_file(net: Subnetwork, split: str) -> str:
     """{split}_images.txt of the split's folder: one image path per line, row i = image i."""
     return os.path.join(net.data_path, net.data_name, f"{split}_images.txt")
 
 
-def listed_row(path: str, net, split: str) -> int | None:
+def listed_row(path: str, net: Subnetwork, split: str) -> int | None:
     """Row of an image path in the split's image list; None when the split does not list it."""
     listing = image_list_file(net, split)
     if not os.path.isfile(listing):
@@ -159,7 +159,7 @@ def listed_row(path: str, net, split: str) -> int | None:
     return next((row for row, listed in enumerate(paths) if os.path.abspath(listed) == wanted), None)
 
 
-def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
+def outside_image_features(path: str, nets: list[Subnetwork]) -> dict[str, torch.Tensor]:
     """CNN features of an image file for each subnetwork, made as its data folder's features were: the whole
     image (1, W) for the global one, its 3x3 blocks (1, 9, W) for the local one."""
     try:
@@ -183,7 +183,7 @@ def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(net: Subnetwork, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, L) and length of a typed caption, refused when it has no known word."""
     ids = cap_lengths("--text", [net.vocab.encode(text)], net.max_words)[0].tolist()
     if all(i == net.vocab.word2idx["<unk>"] for i in ids[1:-1]):
@@ -192,7 +192,7 @@ def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def candidate_local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_local_scores(net: Subnetwork, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
     """Local S_P of the query and each candidate, encoding only these candidates."""
     dataset, model = net.dataset(split), net.model
     if "text" in query:
@@ -217,7 +217,7 @@ def label_fields(label: torch.Tensor, names: list[str] | None) -> dict:
     return {"label": label.tolist(), **({"class": label_names(label, names)} if names else {})}
 
 
-def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor,
+def describe(net: Subnetwork, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor,
              names: list[str] | None) -> list[dict]:
     """Row, label (and class name) and caption text or image path (when the split lists them) of each result."""
     folder = os.path.join(net.data_path, net.data_name)
