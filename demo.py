@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.main(kind, train_argv(args, kind))
     print("\n== SYNTHETIC test split: trained subnetworks and their fusion (w tuned on dev)", flush=True)
     ckpts = {kind: os.path.join(args.run_dir, kind, "model_best.pth.tar") for kind in KINDS}
-    summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
-                             "--device", args.device, "--output", os.path.join(args.run_dir, "demo_test.json")])
+    summary = evaluate.run(evaluate.EvaluationConfig(global_ckpt=ckpts["global"], local_ckpt=ckpts["local"],
+                                                     tune_fusion=True, device=args.device,
+                                                     output=os.path.join(args.run_dir, "demo_test.json")))
     print("\nSYNTHETIC data, mean of i2t and t2i mAP (%) on test:")
     for kind in KINDS:
         print(f"  {kind:6s} untrained {before[kind]:6.2f}  ->  trained {summary['rows'][kind]['mean_mAP']:6.2f}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from errors import InputError, report_errors
 from files import atomic_write, check_output_file
+from run_log import PERFORMANCE_LOG, read_performance
 
 PANELS = (("label", "i2t_mAP", "t2i_mAP"), ("instance", "instance_i2t_mAP", "instance_t2i_mAP"))
 
@@ -23,20 +24,17 @@ PANELS = (("label", "i2t_mAP", "t2i_mAP"), ("instance", "instance_i2t_mAP", "ins
 def read_curves(log: str) -> dict[str, dict[int, float]]:
     """Mean mAP (percent) by epoch of each protocol in one performance.log; a re-evaluated epoch keeps its last."""
     curves: dict[str, dict[int, float]] = {protocol: {} for protocol, *_ in PANELS}
-    with open(log, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            values = dict(zip(fields[::2], fields[1::2]))
-            for protocol, i2t, t2i in PANELS:
-                if i2t in values:
-                    curves[protocol][int(values["epoch"])] = (float(values[i2t]) + float(values[t2i])) / 2
+    for values in read_performance(log):
+        for protocol, i2t, t2i in PANELS:
+            if i2t in values:
+                curves[protocol][values["epoch"]] = (values[i2t] + values[t2i]) / 2
     return curves
 
 
 def runs_of(folder: str) -> dict[str, list[str]]:
     """'variant kind' -> the performance.log of each seed, under reproduce.py's runs folder of one dataset."""
     runs: dict[str, list[str]] = {}
-    for log in sorted(glob.glob(os.path.join(folder, "*", "*", "seed*", "performance.log"))):
+    for log in sorted(glob.glob(os.path.join(folder, "*", "*", "seed*", PERFORMANCE_LOG))):
         variant, kind = log.split(os.sep)[-4:-2]
         runs.setdefault(f"{variant} {kind}", []).append(log)
     if not runs:

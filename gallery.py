@@ -12,7 +12,6 @@ Global mAP@all over the whole gallery runs in blocks of queries (bounded memory)
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -26,10 +25,10 @@ import torch
 
 from errors import InputError
 from files import atomic_write_bytes
-from loss import relevance
-from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, summarize_queries
+from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, relevance, summarize_queries
 from provenance import sha256_file
 from scoring import encode_split
+from subnetwork import Subnetwork
 
 # Elements of one block of scores or relevance: 128 MB in float32.
 BLOCK_ELEMENTS = 1 << 25
@@ -102,7 +101,7 @@ def global_shortlists(images: torch.Tensor, texts: torch.Tensor, k: int) -> tupl
             Shortlist(*rank(t2i_scores, t2i_items)))
 
 
-def local_scores(shortlist: Shortlist, direction: str, scorer: ShortlistScorer) -> torch.Tensor:
+def shortlist_local_scores(shortlist: Shortlist, direction: str, scorer: ShortlistScorer) -> torch.Tensor:
     """Local S_P (Q, K) of each query and its shortlisted items, about PAIRS_PER_CALL pairs per call."""
     n_queries, k = shortlist.items.shape
     step = max(1, PAIRS_PER_CALL // k)
@@ -138,7 +137,7 @@ def shortlist_results(images: torch.Tensor, texts: torch.Tensor, image_labels: t
                                                                ("t2i", t2i, text_labels, image_labels)):
         rows = {"global": shortlist.scores}
         if scorer is not None:
-            rows["local"] = local_scores(shortlist, direction, scorer).to(shortlist.scores)
+            rows["local"] = shortlist_local_scores(shortlist, direction, scorer).to(shortlist.scores)
             if weight is not None:
                 rows["fused"] = weight * rows["global"] + (1 - weight) * rows["local"]
         for name, metrics in shortlist_metrics(rows, shortlist, query_labels, gallery_labels).items():
@@ -169,11 +168,11 @@ def refuse_non_finite(dataset, kind: str, *embeddings: torch.Tensor) -> None:
                          "values; feature values too large for float32?")
 
 
-def fingerprint(net, split: str, batch_size: int) -> dict:
+def fingerprint(net: Subnetwork, split: str) -> dict:
     """What the global embeddings of a split depend on: the checkpoint, the split's files, the batch."""
     folder = os.path.join(net.data_path, net.data_name)
     files = sorted(name for name in os.listdir(folder) if name.startswith(f"{split}_"))
-    return {"checkpoint_sha256": sha256_file(net.path), "split": split, "batch_size": batch_size,
+    return {"checkpoint_sha256": sha256_file(net.path), "split": split, "batch_size": net.batch_size,
             "data": {name: sha256_file(os.path.join(folder, name)) for name in files}}
 
 
@@ -217,15 +216,15 @@ def _file_matches(path: str, checksum: object) -> bool:
         return False
 
 
-def load_or_encode_global(net, split: str, batch_size: int, folder: str = "") -> dict[str, torch.Tensor]:
+def load_or_encode_global(net: Subnetwork, split: str, folder: str = "") -> dict[str, torch.Tensor]:
     """Global image / caption embeddings and labels of a split; with a folder, written there once and
     reused by later runs while whole and made from the same checkpoint and data (else made again)."""
-    stamp = fingerprint(net, split, batch_size) if folder else None
+    stamp = fingerprint(net, split) if folder else None
     saved = read_saved_embeddings(folder, stamp) if folder else None
     if saved is not None:
         return saved
     dataset = net.dataset(split)
-    images, texts, _ = encode_split(net.model, dataset, batch_size, net.device)
+    images, texts, _ = encode_split(net.model, dataset, net.batch_size, net.device)
     refuse_non_finite(dataset, "global", images, texts)
     embeddings = {"images": images.cpu(), "captions": texts.cpu(), "image_labels": dataset.labels,
                   "caption_labels": dataset.caption_labels}
@@ -242,12 +241,8 @@ def npy_bytes(values: np.ndarray) -> bytes:
 
 
 def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: dict) -> None:
-    """Arrays first, each atomically, then the fingerprint with their checksums: a folder is reused only whole."""
-    for stale in glob.glob(os.path.join(folder, "index_*.faiss*")):  # search.py's, built on older embeddings
-        try:
-            os.remove(stale)
-        except OSError:
-            pass  # their own checksums refuse them later
+    """Arrays first, each atomically, then the fingerprint with their checksums: a folder is reused only whole.
+    Other files in the folder are left alone (search.py's indexes check the embeddings they were built from)."""
     checksums = {}
     for name, values in embeddings.items():
         payload = npy_bytes(values.numpy())
@@ -258,9 +253,9 @@ def _write_embeddings(folder: str, embeddings: dict[str, torch.Tensor], stamp: d
     print(f"wrote global embeddings to {folder}", file=sys.stderr)  # stdout may be --json
 
 
-def local_scorer(net, split: str, batch_size: int) -> ShortlistScorer:
+def local_scorer(net: Subnetwork, split: str) -> ShortlistScorer:
     """Local S_P of queries and their candidates from the split's local fragments, encoded once."""
-    blocks, words, lengths = encode_split(net.model, net.dataset(split), batch_size, net.device)
+    blocks, words, lengths = encode_split(net.model, net.dataset(split), net.batch_size, net.device)
     refuse_non_finite(net.dataset(split), "local", blocks, words)
     images, texts = net.model.gallery_fragments(blocks, words, lengths)
     del blocks, words  # the fragments hold trimmed copies
@@ -272,18 +267,17 @@ def local_scorer(net, split: str, batch_size: int) -> ShortlistScorer:
     return score
 
 
-def evaluate_shortlist(nets: list, split: str, weight: float | None, k: int, batch_size: int,
+def evaluate_shortlist(nets: list[Subnetwork], split: str, weight: float | None, k: int,
                        embeddings_folder: str = "", map_all: bool = False, relevance: str = "label"
                        ) -> dict[str, dict]:
-    """Rows of evaluate.py's table for --shortlist K (nets: evaluate.Subnetwork, the global one first)
-    under a relevance protocol (metrics.protocol_labels: the same relevance blocks either way)."""
+    """Rows of evaluate.py's table for --shortlist K (the global subnetwork first) under a relevance protocol
+    (metrics.protocol_labels: the same relevance blocks either way)."""
     global_net = nets[0]
-    embeddings = load_or_encode_global(global_net, split, batch_size or global_net.opt["batch_size"],
-                                       embeddings_folder)
+    embeddings = load_or_encode_global(global_net, split, embeddings_folder)
     images, texts = embeddings["images"].to(global_net.device), embeddings["captions"].to(global_net.device)
     scorer = None
     if len(nets) == 2:
-        scorer = local_scorer(nets[1], split, batch_size or nets[1].opt["batch_size"])
+        scorer = local_scorer(nets[1], split)
     image_labels, caption_labels = (torch.from_numpy(labels) for labels in protocol_labels(
         relevance, embeddings["image_labels"].numpy(), embeddings["caption_labels"].numpy()))
     results = shortlist_results(images, texts, image_labels, caption_labels, k, scorer, weight, relevance)

@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def relevance(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
-    """Boolean (len(a), len(b)): same label for (N,) / (N, 1) labels, any shared label for multi-hot (N, C)."""
-    if labels_a.dim() == 2 and labels_a.size(1) > 1:
-        return (labels_a.float() @ labels_b.float().T) > 0
-    return labels_a.reshape(-1, 1) == labels_b.reshape(1, -1)
+from metrics import relevance  # positives: the relevant pairs of the batch
 
 
 def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loss import relevance  # the one definition of "relevant": a shared label
-
 KS = (1, 5, 10)
 RELEVANCE = ("label", "instance")  # evaluation protocols, docs/METHOD.md section 7
+
+
+def relevance(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """Boolean (len(a), len(b)): same label for (N,) / (N, 1) labels, any shared label for multi-hot (N, C).
+
+    The one definition of "relevant": the positives of the training losses and the hits of every metric.
+    """
+    if labels_a.dim() == 2 and labels_a.size(1) > 1:
+        return (labels_a.float() @ labels_b.float().T) > 0
+    return labels_a.reshape(-1, 1) == labels_b.reshape(1, -1)
 
 
 def _ranked_relevance(sims: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> torch.Tensor:

@@ -38,6 +38,7 @@ from files import atomic_write_bytes, check_writable  # noqa: E402
 from models import build_model  # noqa: E402
 from options import changed_options, parse_options  # noqa: E402
 from published import published_rows  # noqa: E402
+from run_log import PERFORMANCE_LOG, read_performance  # noqa: E402
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file  # noqa: E402
 
 AUX_WEIGHTS = {"global": ("alpha_1", "alpha_2"), "local": ("beta_1", "beta_2")}
@@ -276,10 +277,10 @@ class Reproduction:
             print(f"evaluated earlier ({output}), skipped", flush=True)
             return earlier
         start = time.time()
-        summary = evaluate.main(["--global_ckpt", ckpts["global"], "--local_ckpt", ckpts["local"], "--tune_fusion",
-                                 "--global_data_path", self.args.global_data_path, "--local_data_path",
-                                 self.args.local_data_path, "--device", self.args.device, "--output", output,
-                                 "--relevance", protocol])
+        summary = evaluate.run(evaluate.EvaluationConfig(
+            global_ckpt=ckpts["global"], local_ckpt=ckpts["local"], tune_fusion=True,
+            global_data_path=self.args.global_data_path, local_data_path=self.args.local_data_path,
+            device=self.args.device, output=output, relevance=protocol))
         self.timings.record(f"seed{seed}/evaluate/{stage}", time.time() - start)
         return summary
 
@@ -352,14 +353,7 @@ def data_change(path: str, opt: dict) -> str:
 def dev_curve(folder: str) -> dict[int, float]:
     """Dev rsum by epoch from a run's performance.log (its selection score: i2t + t2i mAP, or the sum of R@K
     when instance-trained); a re-evaluated epoch keeps its last line."""
-    path, curve = os.path.join(folder, "performance.log"), {}
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not found; the run's dev scores are read from it")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            curve[int(fields[1])] = float(fields[fields.index("rsum") + 1])
-    return curve
+    return {record["epoch"]: record["rsum"] for record in read_performance(os.path.join(folder, PERFORMANCE_LOG))}
 
 
 def still_rising(curve: dict[int, float]) -> bool:
@@ -533,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         atomic_write_bytes(os.path.join(repro.results, f"{name}.md"), markdown.encode("utf-8"))
         print("\n" + markdown + f"\nwrote {repro.results}/{name}.md and {name}.json")
     if repro.variants:
-        runs = {f"{variant} {kind}": [os.path.join(repro.run_folder(variant, kind, s), "performance.log")
+        runs = {f"{variant} {kind}": [os.path.join(repro.run_folder(variant, kind, s), PERFORMANCE_LOG)
                                       for s in repro.variant_seeds(variant)]
                 for variant in repro.variants for kind in AUX_WEIGHTS}
         figure = os.path.join(repro.results, "dev_curves.png")

@@ -1,12 +1,12 @@
-"""Run logs under --logger_name: performance.log, loss.log and TensorBoard scalars."""
+"""Run logs under --logger_name: performance.log, loss.log and TensorBoard scalars; the reader of performance.log."""
 from __future__ import annotations
 
 import os
 from typing import TextIO
 
-from torch.utils.tensorboard import SummaryWriter
-
 from errors import InputError, OutputError
+
+PERFORMANCE_LOG = "performance.log"
 
 
 def append(log: TextIO, line: str) -> None:
@@ -25,10 +25,11 @@ class RunLogger:
     def __init__(self, folder: str):
         try:
             os.makedirs(folder, exist_ok=True)
-            self.performance = open(os.path.join(folder, "performance.log"), "a", encoding="utf-8")
+            self.performance = open(os.path.join(folder, PERFORMANCE_LOG), "a", encoding="utf-8")
             self.losses = open(os.path.join(folder, "loss.log"), "a", encoding="utf-8")
         except OSError as err:
             raise InputError(f"{folder}: log directory cannot be written ({err.strerror})") from None
+        from torch.utils.tensorboard import SummaryWriter  # here: readers of the logs need no torch
         self.writer = SummaryWriter(folder)
 
     def metrics(self, epoch: int, result: dict) -> None:
@@ -56,3 +57,24 @@ class RunLogger:
         self.performance.close()
         self.losses.close()
         self.writer.close()
+
+
+def read_performance(path: str) -> list[dict[str, float]]:
+    """The evaluations of a performance.log in file order, each {"epoch": e, "i2t_mAP": ..., "rsum": ...} with
+    the fields its line has (older logs lack the instance-level ones); a resumed run may repeat an epoch."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not found; the run's dev scores are read from it")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            words = line.split()
+            if not words:
+                continue
+            try:
+                record = {name: float(value) for name, value in zip(words[::2], words[1::2])}
+                record["epoch"] = int(record["epoch"])
+            except (KeyError, ValueError):
+                raise InputError(f"{path}: line {number} is not an evaluation line "
+                                 "(epoch E name value ...)") from None
+            records.append(record)
+    return records

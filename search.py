@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,29 +30,42 @@ from torch.nn.utils.rnn import pad_sequence
 from data import cap_lengths, class_names, label_names, split_file
 from errors import InputError, OutputError, report_errors
 from files import atomic_write_bytes
-from evaluate import add_subnetwork_arguments, check_same_items, check_subnetwork_arguments, open_subnetworks, pick_split
 from gallery import load_or_encode_global, rank
-from loss import relevance as relevance_of
-from metrics import protocol_labels
-from options import resolve_device
+from metrics import protocol_labels, relevance as relevance_of
+from subnetwork import Subnetwork, SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split
 from vocab import read_captions
 
 INDEX_KINDS = ("flat", "hnsw")
 HNSW_NEIGHBOURS = 32
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class SearchConfig(SubnetworkConfig):
+    """One query and how it is searched (search.py's flags, whose defaults are these)."""
+
+    text: str | None = None  # caption query: find images
+    image_row: int | None = None  # image query by its row in the split: find captions
+    image: str | None = None  # image query, any image file: find captions
+    top: int = 10  # results to show
+    shortlist: int = 100  # candidates taken from the index for re-ranking (at least top)
+    index: str = "flat"  # one of INDEX_KINDS
+    embeddings: str = ""  # cache folder; "": embeddings_<split> next to the global checkpoint
+    json: bool = False  # results as JSON on stdout (notices on stderr)
+
+
+def parse_args(argv: list[str] | None = None) -> SearchConfig:
     p = argparse.ArgumentParser(description="Search a split by caption text or by image.")
     add_subnetwork_arguments(p, "search")  # --global_ckpt is required: it builds the index
+    d = SearchConfig()
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption query: find images")
     query.add_argument("--image_row", type=int, help="image query by its row in the split: find captions")
     query.add_argument("--image", help="image query, any image file (JPEG, PNG, TIFF, ...): find captions")
-    p.add_argument("--top", type=int, default=10, help="results to show")
-    p.add_argument("--shortlist", type=int, default=100, help="candidates taken from the index for re-ranking")
-    p.add_argument("--index", default="flat", choices=INDEX_KINDS,
+    p.add_argument("--top", type=int, default=d.top, help="results to show")
+    p.add_argument("--shortlist", type=int, default=d.shortlist, help="candidates taken from the index for re-ranking")
+    p.add_argument("--index", default=d.index, choices=INDEX_KINDS,
                    help="flat: exact inner product; hnsw: approximate (graph), for large splits")
-    p.add_argument("--embeddings", default="", help="cache folder of embeddings and indexes "
+    p.add_argument("--embeddings", default=d.embeddings, help="cache folder of embeddings and indexes "
                    "(default: embeddings_{split} next to the global checkpoint)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
@@ -61,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top and --shortlist must be at least 1")
     check_subnetwork_arguments(p, args)
     args.shortlist = max(args.shortlist, args.top)
-    return args
+    return SearchConfig.from_flags(args)
 
 
 def import_faiss():
@@ -129,12 +143,12 @@ def search_index(index, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return torch.from_numpy(scores[0][kept]).double(), torch.from_numpy(rows[0][kept]).long()
 
 
-def image_list_file(net, split: str) -> str:
+def image_list_file(net: Subnetwork, split: str) -> str:
     """{split}_images.txt of the split's folder: one image path per line, row i = image i."""
     return os.path.join(net.data_path, net.data_name, f"{split}_images.txt")
 
 
-def listed_row(path: str, net, split: str) -> int | None:
+def listed_row(path: str, net: Subnetwork, split: str) -> int | None:
     """Row of an image path in the split's image list; None when the split does not list it."""
     listing = image_list_file(net, split)
     if not os.path.isfile(listing):
@@ -145,7 +159,7 @@ def listed_row(path: str, net, split: str) -> int | None:
     return next((row for row, listed in enumerate(paths) if os.path.abspath(listed) == wanted), None)
 
 
-def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
+def outside_image_features(path: str, nets: list[Subnetwork]) -> dict[str, torch.Tensor]:
     """CNN features of an image file for each subnetwork, made as its data folder's features were: the whole
     image (1, W) for the global one, its 3x3 blocks (1, 9, W) for the local one."""
     try:
@@ -169,7 +183,7 @@ def outside_image_features(path: str, nets: list) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(net: Subnetwork, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, L) and length of a typed caption, refused when it has no known word."""
     ids = cap_lengths("--text", [net.vocab.encode(text)], net.max_words)[0].tolist()
     if all(i == net.vocab.word2idx["<unk>"] for i in ids[1:-1]):
@@ -178,7 +192,7 @@ def encode_text(net, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def local_scores(net, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_local_scores(net: Subnetwork, split: str, query: dict, candidates: torch.Tensor) -> torch.Tensor:
     """Local S_P of the query and each candidate, encoding only these candidates."""
     dataset, model = net.dataset(split), net.model
     if "text" in query:
@@ -203,7 +217,7 @@ def label_fields(label: torch.Tensor, names: list[str] | None) -> dict:
     return {"label": label.tolist(), **({"class": label_names(label, names)} if names else {})}
 
 
-def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor,
+def describe(net: Subnetwork, split: str, target: str, rows: torch.Tensor, labels: torch.Tensor,
              names: list[str] | None) -> list[dict]:
     """Row, label (and class name) and caption text or image path (when the split lists them) of each result."""
     folder = os.path.join(net.data_path, net.data_name)
@@ -219,17 +233,17 @@ def describe(net, split: str, target: str, rows: torch.Tensor, labels: torch.Ten
 
 
 @torch.no_grad()
-def make_query(args: argparse.Namespace, nets: list, split: str) -> tuple[dict, str]:
+def make_query(config: SearchConfig, nets: list[Subnetwork], split: str) -> tuple[dict, str]:
     """The query and what it searches (images or captions): token ids and their global "vector", an image row,
     or an image from outside the split as its global "vector" and its blocks' "local_cnn" features."""
     net = nets[0]
-    if args.text is not None:
-        tokens = encode_text(net, args.text)
+    if config.text is not None:
+        tokens = encode_text(net, config.text)
         return {"text": tokens, "vector": net.model.encode_primary_texts(*tokens).cpu()[0]}, "images"
-    row = args.image_row if args.image is None else listed_row(args.image, net, split)
+    row = config.image_row if config.image is None else listed_row(config.image, net, split)
     if row is not None:
         return {"image_row": row}, "captions"
-    cnns = outside_image_features(args.image, nets)
+    cnns = outside_image_features(config.image, nets)
     vector = net.model.encode_primary_images(cnns["global"].to(net.device)).cpu()[0]
     return {"vector": vector, "local_cnn": cnns["local"]}, "captions"
 
@@ -244,46 +258,44 @@ def query_vector(query: dict, embeddings: dict, split: str) -> torch.Tensor:
     return embeddings["images"][row]
 
 
-def candidate_scores(args: argparse.Namespace, nets: list, split: str, query: dict, global_scores: torch.Tensor,
-                     rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def candidate_scores(weight: float | None, nets: list[Subnetwork], split: str, query: dict,
+                     global_scores: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Global, local and fused ("score") scores of the candidates; "score" is global alone without a local net."""
     if len(nets) == 1:
         return {"global": global_scores, "score": global_scores}
-    local = local_scores(nets[1], split, query, rows)
-    fused = args.fusion_weight * global_scores + (1 - args.fusion_weight) * local
+    local = candidate_local_scores(nets[1], split, query, rows)
+    fused = weight * global_scores + (1 - weight) * local
     return {"global": global_scores, "local": local, "score": fused}
 
 
-def run_search(args: argparse.Namespace) -> dict:
+def run_search(config: SearchConfig) -> dict:
     """The query's top results as a dict (what --json prints)."""
-    nets = open_subnetworks(args, resolve_device(args.device))
-    split = pick_split(nets, args.split)
-    if len(nets) == 2:
-        check_same_items(nets, split)
-    query, target = make_query(args, nets, split)  # an unusable query image stops here, before any encoding
+    opened = open_split(config, out=sys.stderr if config.json else sys.stdout)
+    nets, split = opened.nets, opened.split
+    query, target = make_query(config, nets, split)  # an unusable query image stops here, before any encoding
     for net in nets:  # read (and compared with the training data) even when the embeddings are cached
         net.dataset(split)
     global_net = nets[0]
-    folder = args.embeddings or os.path.join(os.path.dirname(args.global_ckpt) or ".", f"embeddings_{split}")
-    embeddings = load_or_encode_global(global_net, split, args.batch_size or global_net.opt["batch_size"], folder)
+    folder = config.embeddings or os.path.join(os.path.dirname(config.global_ckpt) or ".", f"embeddings_{split}")
+    embeddings = load_or_encode_global(global_net, split, folder)
     vector = query_vector(query, embeddings, split)
-    index = load_or_build_index(embeddings[target], os.path.join(folder, f"index_{args.index}_{target}.faiss"),
-                                args.index)
-    global_scores, rows = search_index(index, vector, args.shortlist)
-    scores = candidate_scores(args, nets, split, query, global_scores, rows)
-    ranked_rows = rank(scores["score"][None], rows[None])[1][0][:args.top]
+    index = load_or_build_index(embeddings[target], os.path.join(folder, f"index_{config.index}_{target}.faiss"),
+                                config.index)
+    global_scores, rows = search_index(index, vector, config.shortlist)
+    scores = candidate_scores(opened.weight, nets, split, query, global_scores, rows)
+    ranked_rows = rank(scores["score"][None], rows[None])[1][0][:config.top]
     position = {row: i for i, row in enumerate(rows.tolist())}
     labels = embeddings["caption_labels" if target == "captions" else "image_labels"]
     names = class_names(os.path.join(global_net.data_path, global_net.data_name))
     results = [{"rank": number, **item, **{name: float(s[position[item["row"]]]) for name, s in scores.items()}}
                for number, item in enumerate(describe(global_net, split, target, ranked_rows, labels, names), 1)]
-    shown = {"text": args.text} if args.text is not None else ({"image": args.image} if args.image else {})
+    shown = {"text": config.text} if config.text is not None else ({"image": config.image} if config.image else {})
     if "image_row" in query:  # an image of the split: its row, class and relevant captions are known
         row = query["image_row"]
-        mark_relevant(results, row, embeddings, args.relevance)
+        mark_relevant(results, row, embeddings, config.relevance)
         shown.update(image_row=row, **label_fields(embeddings["image_labels"][row], names))
-    return {"query": shown, "split": split, "target": target, "index": args.index, "relevance": args.relevance,
-            "fusion_weight": args.fusion_weight if len(nets) == 2 else None, "results": results,
+    return {"query": shown, "split": split, "target": target, "index": config.index, "relevance": config.relevance,
+            "fusion_weight": opened.weight, "results": results,
             "data": {net.kind: net.provenance[split] for net in nets}}
 
 
@@ -315,9 +327,9 @@ def format_results(found: dict) -> str:
 
 @report_errors
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    found = run_search(args)
-    print(json.dumps(found, indent=2, ensure_ascii=False) if args.json else format_results(found))
+    config = parse_args(argv)
+    found = run_search(config)
+    print(json.dumps(found, indent=2, ensure_ascii=False) if config.json else format_results(found))
     return found
 
 

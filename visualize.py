@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import evaluate
 from data import class_names, label_names, split_file
 from errors import InputError, report_errors
 from files import atomic_write, check_writable
-from loss import relevance
-from metrics import protocol_labels
+from metrics import protocol_labels, relevance
 from model_local import text_to_image_attention
-from options import resolve_device
+from subnetwork import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
 from vocab import read_captions
 
 TOP = 5
@@ -37,14 +36,26 @@ THUMB = 192  # pixels of the longer side of a drawn image
 RELEVANT_MEANS = {"label": "shared category", "instance": "the caption describes that very image"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class FigureConfig(SubnetworkConfig):
+    """Which figures to draw and where (visualize.py's flags, whose defaults are these)."""
+
+    images_file: str = ""  # image path of each feature row; "": <data>/<split>_images.txt
+    out_dir: str = "figures"
+    queries: int = 4  # queries per figure (and attention figures)
+    seed: int = 0  # of the query choice
+    tune_fusion: bool = False  # w: the best on dev instead of fusion_weight
+
+
+def parse_args(argv: list[str] | None = None) -> FigureConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_subnetwork_arguments(p, "draw")
-    p.add_argument("--images_file", default="", help="image path of each feature row "
+    add_subnetwork_arguments(p, "draw")
+    d = FigureConfig()
+    p.add_argument("--images_file", default=d.images_file, help="image path of each feature row "
                    "(default: <data>/<split>_images.txt); relative paths are read from its folder")
-    p.add_argument("--out_dir", default="figures")
-    p.add_argument("--queries", type=int, default=4, help="queries per figure (and attention figures)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
+    p.add_argument("--out_dir", default=d.out_dir)
+    p.add_argument("--queries", type=int, default=d.queries, help="queries per figure (and attention figures)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the query choice")
     p.add_argument("--tune_fusion", action="store_true", help="pick w on dev by the --relevance protocol's rsum")
     args = p.parse_args(argv)
     if not (args.global_ckpt or args.local_ckpt):
@@ -53,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--queries must be at least 1")
     if args.seed < 0:
         p.error("--seed must be at least 0 (numpy's generators take no negative seed)")
-    evaluate.check_subnetwork_arguments(p, args)
-    return args
+    check_subnetwork_arguments(p, args)
+    return FigureConfig.from_flags(args)
 
 
 def read_image_paths(path: str, count: int) -> list[str]:
@@ -82,17 +93,13 @@ def thumbnail(path: str, frame: tuple[int, int, int] | None = None) -> Image.Ima
     return ImageOps.expand(image, border=max(4, THUMB // 24), fill=frame) if frame else image
 
 
-class Gallery:
+class ScoredSplit:
     """A split's similarities, images, captions and relevance, as the figures need them."""
 
-    def __init__(self, args: argparse.Namespace):
-        nets = evaluate.open_subnetworks(args, resolve_device(args.device))
-        self.split = evaluate.pick_split(nets, args.split)
-        weight = None
-        if len(nets) == 2:
-            evaluate.check_same_items(nets, self.split)
-            weight = evaluate.tune_weight(nets, args.relevance) if args.tune_fusion else args.fusion_weight
-        rows = evaluate.score_rows(nets, self.split, weight)
+    def __init__(self, config: FigureConfig):
+        opened = open_split(config, config.tune_fusion)
+        nets, self.split, weight = opened.nets, opened.split, opened.weight
+        rows = score_rows(nets, self.split, weight)
         self.score_name = "fused" if weight is not None else nets[0].kind
         self.sims = rows[self.score_name]  # (images, captions)
         self.describe = f"{self.score_name} score" + (f", w = {weight:.2f}" if weight is not None else "")
@@ -100,12 +107,12 @@ class Gallery:
         dataset = nets[0].dataset(self.split)
         folder = os.path.join(nets[0].data_path, nets[0].data_name)
         self.captions = read_captions(split_file(folder, self.split, "caps"))
-        self.images = read_image_paths(args.images_file or os.path.join(folder, f"{self.split}_images.txt"),
+        self.images = read_image_paths(config.images_file or os.path.join(folder, f"{self.split}_images.txt"),
                                        self.sims.shape[0])
         self.captions_per_image = dataset.captions_per_image
-        labels = protocol_labels(args.relevance, dataset.labels.numpy(), dataset.caption_labels.numpy())
+        labels = protocol_labels(config.relevance, dataset.labels.numpy(), dataset.caption_labels.numpy())
         self.relevant = relevance(*(torch.from_numpy(x) for x in labels)).numpy()  # (images, captions)
-        self.meaning = RELEVANT_MEANS[args.relevance]
+        self.meaning = RELEVANT_MEANS[config.relevance]
         names = class_names(folder)
         self.classes = [label_names(label, names) for label in dataset.labels] if names else None
 
@@ -146,53 +153,53 @@ def wrapped(text: str, width: int = 24, lines: int = 5) -> str:
     return "\n".join(textwrap.wrap(text, width)[:lines])
 
 
-def draw_text_to_image(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+def draw_text_to_image(scored: ScoredSplit, queries: np.ndarray, path: str) -> None:
     """Each caption query, then its top images framed green (relevant) or red."""
     plt, fig, axes = plt_figure(len(queries), TOP + 1, 2.2 * (TOP + 1), 2.0 * len(queries))
     for row, caption in zip(axes, queries):
-        named = gallery.named(gallery.image_of_caption(caption))
-        row[0].text(0.0, 0.5, f"caption {caption}{named}:\n" + wrapped(gallery.captions[caption]), va="center",
+        named = scored.named(scored.image_of_caption(caption))
+        row[0].text(0.0, 0.5, f"caption {caption}{named}:\n" + wrapped(scored.captions[caption]), va="center",
                     fontsize=10, wrap=True)
-        for rank, (ax, image) in enumerate(zip(row[1:], ranked(gallery.sims[:, caption])), 1):
-            hit = gallery.relevant[image, caption]
-            ax.imshow(thumbnail(gallery.images[image], GREEN if hit else RED))
-            ax.set_title(f"#{rank}  {gallery.sims[image, caption]:.3f}{gallery.named(image)}", fontsize=9)
-    fig.suptitle(f"caption -> image, {gallery.split} split, {gallery.describe}; green: relevant "
-                 f"({gallery.meaning}), red: not", fontsize=11)
+        for rank, (ax, image) in enumerate(zip(row[1:], ranked(scored.sims[:, caption])), 1):
+            hit = scored.relevant[image, caption]
+            ax.imshow(thumbnail(scored.images[image], GREEN if hit else RED))
+            ax.set_title(f"#{rank}  {scored.sims[image, caption]:.3f}{scored.named(image)}", fontsize=9)
+    fig.suptitle(f"caption -> image, {scored.split} split, {scored.describe}; green: relevant "
+                 f"({scored.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 
-def draw_image_to_text(gallery: Gallery, queries: np.ndarray, path: str) -> None:
+def draw_image_to_text(scored: ScoredSplit, queries: np.ndarray, path: str) -> None:
     """Each image query, then its top captions in green (relevant) or red."""
     plt, fig, axes = plt_figure(len(queries), 2, 11.0, 2.0 * len(queries), width_ratios=[1, 3.5])
     for (image_ax, text_ax), image in zip(axes, queries):
-        image_ax.imshow(thumbnail(gallery.images[image]))
-        image_ax.set_title(f"image {image}{gallery.named(image)}", fontsize=9)
-        for rank, caption in enumerate(ranked(gallery.sims[image]), 1):
-            hit = gallery.relevant[image, caption]
-            text = textwrap.shorten(gallery.captions[caption], 80)
-            text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {gallery.sims[image, caption]:.3f}  {text}",
+        image_ax.imshow(thumbnail(scored.images[image]))
+        image_ax.set_title(f"image {image}{scored.named(image)}", fontsize=9)
+        for rank, caption in enumerate(ranked(scored.sims[image]), 1):
+            hit = scored.relevant[image, caption]
+            text = textwrap.shorten(scored.captions[caption], 80)
+            text_ax.text(0.0, 1.0 - rank / (TOP + 1), f"#{rank}  {scored.sims[image, caption]:.3f}  {text}",
                          color=np.array(GREEN if hit else RED) / 255, fontsize=10, va="center")
-    fig.suptitle(f"image -> caption, {gallery.split} split, {gallery.describe}; green: relevant "
-                 f"({gallery.meaning}), red: not", fontsize=11)
+    fig.suptitle(f"image -> caption, {scored.split} split, {scored.describe}; green: relevant "
+                 f"({scored.meaning}), red: not", fontsize=11)
     save(plt, fig, path)
 
 
 @torch.no_grad()
-def word_attention(gallery: Gallery, caption: int) -> tuple[list[str], np.ndarray]:
+def word_attention(scored: ScoredSplit, caption: int) -> tuple[list[str], np.ndarray]:
     """Tokens of a caption (with <start> and <end>) and their attention weights (words x 9 blocks)."""
-    net = gallery.local
-    cnn, _, tokens, *_ = net.dataset(gallery.split)[caption]
+    net = scored.local
+    cnn, _, tokens, *_ = net.dataset(scored.split)[caption]
     lengths = torch.tensor([len(tokens)])
     blocks, words = net.model.encode_primary(cnn[None].to(net.device), tokens[None].to(net.device), lengths)
     weights = text_to_image_attention(words[0], blocks[0], net.model.raw_feature_norm, net.model.lambda_softmax)
     return [net.vocab.idx2word[int(t)] for t in tokens], weights.cpu().numpy()
 
 
-def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
+def draw_attention(scored: ScoredSplit, caption: int, path: str) -> None:
     """The image of a caption, then one panel per word with its attention over the 3x3 blocks."""
-    words, weights = word_attention(gallery, caption)
-    image = thumbnail(gallery.images[gallery.image_of_caption(caption)])
+    words, weights = word_attention(scored, caption)
+    image = thumbnail(scored.images[scored.image_of_caption(caption)])
     width, height = image.size
     grid = int(round(weights.shape[1] ** 0.5))
     cols = min(len(words) + 1, 7)
@@ -210,31 +217,31 @@ def draw_attention(gallery: Gallery, caption: int, path: str) -> None:
             ax.text((k % grid + 0.5) * width / grid, (k // grid + 0.5) * height / grid, f"{value:.2f}",
                     ha="center", va="center", fontsize=7, color="white")
         ax.set_title(word, fontsize=10)
-    fig.suptitle(f"local attention of caption {caption} over its image's 3x3 blocks ({gallery.split} split; "
+    fig.suptitle(f"local attention of caption {caption} over its image's 3x3 blocks ({scored.split} split; "
                  "each word's weights sum to 1, <unk>: a word outside the vocabulary)\n"
-                 + wrapped(gallery.captions[caption], 90, 2), fontsize=10)
+                 + wrapped(scored.captions[caption], 90, 2), fontsize=10)
     save(plt, fig, path)
 
 
 @report_errors
 def main(argv: list[str] | None = None) -> list[str]:
     """Draw the figures; returns the paths written."""
-    args = parse_args(argv)
-    check_writable(args.out_dir, "--out_dir")
-    gallery = Gallery(args)
-    rng = np.random.default_rng(args.seed)
-    n_images, n_captions = gallery.sims.shape
-    caption_queries = rng.choice(n_captions, min(args.queries, n_captions), replace=False)
-    image_queries = rng.choice(n_images, min(args.queries, n_images), replace=False)
-    paths = [os.path.join(args.out_dir, "text_to_image.png"), os.path.join(args.out_dir, "image_to_text.png")]
-    draw_text_to_image(gallery, caption_queries, paths[0])
-    draw_image_to_text(gallery, image_queries, paths[1])
-    if gallery.local is None:
+    config = parse_args(argv)
+    check_writable(config.out_dir, "--out_dir")
+    scored = ScoredSplit(config)
+    rng = np.random.default_rng(config.seed)
+    n_images, n_captions = scored.sims.shape
+    caption_queries = rng.choice(n_captions, min(config.queries, n_captions), replace=False)
+    image_queries = rng.choice(n_images, min(config.queries, n_images), replace=False)
+    paths = [os.path.join(config.out_dir, "text_to_image.png"), os.path.join(config.out_dir, "image_to_text.png")]
+    draw_text_to_image(scored, caption_queries, paths[0])
+    draw_image_to_text(scored, image_queries, paths[1])
+    if scored.local is None:
         print("notice: no --local_ckpt, so no attention figures")
         return paths
     for caption in caption_queries:
-        paths.append(os.path.join(args.out_dir, f"attention_{caption}.png"))
-        draw_attention(gallery, int(caption), paths[-1])
+        paths.append(os.path.join(config.out_dir, f"attention_{caption}.png"))
+        draw_attention(scored, int(caption), paths[-1])
     return paths
 
 

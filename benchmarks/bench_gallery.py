@@ -128,7 +128,7 @@ def _evaluate_child(folder: str, shortlist: int) -> None:
     import gallery
     meter = StageMeter()
     gallery.global_shortlists = meter.wrap("global_shortlisting", gallery.global_shortlists)
-    gallery.local_scores = meter.wrap("local_reranking", gallery.local_scores)
+    gallery.shortlist_local_scores = meter.wrap("local_reranking", gallery.shortlist_local_scores)
     argv = ["--global_ckpt", os.path.join(folder, "global.pth.tar"),
             "--local_ckpt", os.path.join(folder, "local.pth.tar"),
             "--global_data_path", os.path.join(folder, COARSE_FOLDER),

@@ -1,6 +1,7 @@
 """Caches that heal: a damaged or stale index, embeddings file or fingerprint is rebuilt with one notice."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -64,3 +65,25 @@ def test_an_index_that_cannot_be_saved_leaves_no_file_and_the_search_goes_on(unt
     again, err = search_once(capsys, args)
     assert again == rows and "notice: the index was not cached" in err and "cannot be written" in err
     assert not [n for n in os.listdir(disk.folder / "emb") if n.startswith(("index_", ".tmp-"))]
+
+
+def test_an_index_built_from_other_embeddings_is_rebuilt_by_search(cached, capsys):
+    """search.py owns its indexes: one stamped with other embeddings is refused and built again."""
+    args, rows, folder = cached
+    stamp_path = folder / "index_flat_captions.faiss.json"
+    stamp = json.loads(stamp_path.read_text())
+    stamp_path.write_text(json.dumps({**stamp, "built_from_sha256": "0" * 64}))
+    again, err = search_once(capsys, args)
+    assert again == rows and "was built from other embeddings; building it again" in err
+    assert json.loads(stamp_path.read_text()) == stamp and search_once(capsys, args) == (rows, "")
+
+
+def test_embeddings_encoded_again_keep_the_index_they_still_match(cached, capsys):
+    """Writing embeddings deletes no index: search.py keeps one built from the same vectors."""
+    args, rows, folder = cached
+    index = folder / "index_flat_captions.faiss"
+    before = (index.stat().st_ino, index.stat().st_mtime_ns)
+    (folder / "fingerprint.json").write_bytes(b"{not json")  # the embeddings are encoded and written again
+    again, err = search_once(capsys, args)
+    assert again == rows and "fingerprint.json is damaged" in err and "building it again" not in err
+    assert (index.stat().st_ino, index.stat().st_mtime_ns) == before

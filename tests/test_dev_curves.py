@@ -7,6 +7,8 @@ import pytest
 
 import dev_curves
 import trainer
+from errors import InputError
+from run_log import PERFORMANCE_LOG, RunLogger, read_performance
 from tests.conftest import train_argv
 
 NEW = ("epoch 0 i2t_mAP 10.0 t2i_mAP 20.0 instance_i2t_mAP 1.0 instance_t2i_mAP 3.0 instance_mR 2.0 rsum 30.0\n"
@@ -49,3 +51,23 @@ def test_png_from_a_tiny_training_run(tiny_data, tmp_path):
     assert sorted(curves["label"]) == sorted(curves["instance"]) == [0, 1, 2]
     out = dev_curves.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "curves.png")])
     assert os.path.getsize(out) > 1000
+
+
+def test_run_log_reads_back_what_it_writes(tmp_path):
+    """run_log owns performance.log: its RunLogger's lines read back by read_performance, old lines too."""
+    logger = RunLogger(str(tmp_path))
+    metrics = {"mAP": 31.25, "R@1": 1.0}
+    logger.metrics(2, {"i2t": metrics, "t2i": {**metrics, "mAP": 40.5}, "rsum": 71.75, "selection": 71.75,
+                       "instance": {"i2t": metrics, "t2i": metrics, "mR": 4.5, "rsum": 62.5}})
+    logger.close()
+    log = tmp_path / PERFORMANCE_LOG
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("\n" + OLD)  # a blank line, then lines without the instance-level fields
+    assert read_performance(str(log)) == [
+        {"epoch": 2, "i2t_mAP": 31.25, "t2i_mAP": 40.5, "instance_i2t_mAP": 31.25, "instance_t2i_mAP": 31.25,
+         "instance_mR": 4.5, "rsum": 71.75},
+        {"epoch": 0, "i2t_mAP": 12.0, "t2i_mAP": 22.0, "rsum": 34.0},
+        {"epoch": 1, "i2t_mAP": 32.0, "t2i_mAP": 42.0, "rsum": 74.0}]
+    log.write_text(OLD + "epoch 2 i2t_mAP nan? rsum\n")
+    with pytest.raises(InputError, match=r"performance.log: line 3 is not an evaluation line"):
+        read_performance(str(log))

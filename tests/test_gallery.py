@@ -92,10 +92,10 @@ def test_local_scores_in_chunks_follow_the_direction(monkeypatch):
     full = model.primary_similarity(blocks, words, lengths)
     scorer = local_scorer(model, blocks, words, lengths)
     items = torch.tensor([[5, 0], [2, 3], [1, 1], [4, 0]])
-    i2t = gallery.local_scores(gallery.Shortlist(items.double(), items), "i2t", scorer)
+    i2t = gallery.shortlist_local_scores(gallery.Shortlist(items.double(), items), "i2t", scorer)
     assert (i2t - full.gather(1, items)).abs().max() < 1e-12
     images = torch.tensor([[3, 0, 1], [2, 2, 0], [1, 0, 3], [0, 1, 2], [3, 3, 1], [2, 0, 1]])
-    t2i = gallery.local_scores(gallery.Shortlist(images.double(), images), "t2i", scorer)
+    t2i = gallery.shortlist_local_scores(gallery.Shortlist(images.double(), images), "t2i", scorer)
     assert (t2i - full.T.gather(1, images)).abs().max() < 1e-12
 
 

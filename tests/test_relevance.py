@@ -13,6 +13,7 @@ from PIL import Image
 
 import evaluate
 import search
+import subnetwork
 import visualize
 from metrics import duplicate_captions, instance_labels, ranking_metrics, retrieval_metrics
 from tests.conftest import make_dataset, save_untrained
@@ -122,10 +123,10 @@ def test_evaluate_instance_with_fusion_tuning_saved_sims_and_plot(twin_data, tmp
         assert f"{row['mR']:6.2f}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # w maximises the instance rsum on dev (first best), computed here with the looped reference
-    nets = evaluate.open_subnetworks(evaluate.parse_args(evaluate_argv(twin_data, tmp_path)), torch.device("cpu"))
+    nets = subnetwork.open_subnetworks(evaluate.parse_args(evaluate_argv(twin_data, tmp_path)), torch.device("cpu"))
     g, l = nets[0].sims("dev"), nets[1].sims("dev")
-    scores = [instance_metrics_reference(w * g + (1 - w) * l, K)["rsum"] for w in evaluate.FUSION_GRID]
-    assert summary["fusion_weight"] == pytest.approx(evaluate.FUSION_GRID[int(np.argmax(scores))])
+    scores = [instance_metrics_reference(w * g + (1 - w) * l, K)["rsum"] for w in subnetwork.FUSION_GRID]
+    assert summary["fusion_weight"] == pytest.approx(subnetwork.FUSION_GRID[int(np.argmax(scores))])
 
 
 def test_instance_shortlist_of_the_whole_gallery_equals_the_full_evaluation(twin_data, tmp_path, capsys):
@@ -168,7 +169,7 @@ def test_visualize_frames_follow_the_protocol(twin_data, tmp_path):
             f.write(str(tmp_path / f"{row}.png") + "\n")
     args = visualize.parse_args(["--global_ckpt", twin_data["checkpoints"]["global"], "--data_path",
                                  twin_data["coarse"], "--device", "cpu", "--relevance", "instance"])
-    gallery = visualize.Gallery(args)
+    gallery = visualize.ScoredSplit(args)
     want = np.arange(40)[None] // K == np.arange(8)[:, None]
     np.testing.assert_array_equal(gallery.relevant, want)
     assert gallery.meaning == visualize.RELEVANT_MEANS["instance"]

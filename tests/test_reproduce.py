@@ -38,17 +38,17 @@ def reproduce_argv(tiny_data: dict, root: str, *extra: str) -> list[str]:
 def calls(monkeypatch) -> dict[str, list]:
     """Record every training and evaluation reproduce.py starts."""
     seen = {"train": [], "evaluate": []}
-    train_main, evaluate_main = trainer.main, evaluate.main
+    train_main, evaluate_run = trainer.main, evaluate.run
 
     def counted_train(kind, argv):
         seen["train"].append((kind, argv))
         return train_main(kind, argv)
 
-    def counted_evaluate(argv):
-        seen["evaluate"].append(argv)
-        return evaluate_main(argv)
+    def counted_evaluate(config):
+        seen["evaluate"].append(config)
+        return evaluate_run(config)
     monkeypatch.setattr(trainer, "main", counted_train)
-    monkeypatch.setattr(evaluate, "main", counted_evaluate)
+    monkeypatch.setattr(evaluate, "run", counted_evaluate)
     return seen
 
 
@@ -166,7 +166,7 @@ def test_rerun_resumes_an_unfinished_run_and_reevaluates_it(tiny_data, tmp_path,
     if open(os.path.join(folder, trainer.BEST), "rb").read() == best:  # the evaluations read the same files
         assert calls["evaluate"] == []
     else:  # the resumed evaluation found a better epoch: the evaluations reading model_best run again
-        outputs = [argv[argv.index("--output") + 1] for argv in calls["evaluate"]]
+        outputs = [config.output for config in calls["evaluate"]]
         assert [os.path.relpath(o, os.path.join(tmp_path, "results", tiny_data["name"], "seed1")) for o in outputs] \
             == ["trained.json", os.path.join("instance", "trained.json")]
 

@@ -92,7 +92,7 @@ def test_frames_show_relevance(checkpoints, three_data, images_file, tmp_path) -
 
 def test_attention_rows_are_distributions(checkpoints, three_data, images_file) -> None:
     args = visualize.parse_args(visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file))
-    gallery = visualize.Gallery(args)
+    gallery = visualize.ScoredSplit(args)
     words, weights = visualize.word_attention(gallery, 7)
     caption = gallery.captions[7].lower().split()
     assert words[0] == "<start>" and words[-1] == "<end>" and len(words) == len(caption) + 2
@@ -102,7 +102,7 @@ def test_attention_rows_are_distributions(checkpoints, three_data, images_file) 
 
 def test_relevance_pairs_images_with_captions(checkpoints, three_data, images_file) -> None:
     args = visualize.parse_args(visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file))
-    gallery = visualize.Gallery(args)
+    gallery = visualize.ScoredSplit(args)
     labels = np.load(os.path.join(three_data["coarse"], three_data["name"], "test_labels.npy"))
     assert gallery.sims.shape == gallery.relevant.shape == (TEST_IMAGES, K * TEST_IMAGES)
     assert len(gallery.captions) == K * TEST_IMAGES and len(gallery.images) == TEST_IMAGES
@@ -113,12 +113,12 @@ def test_relevance_pairs_images_with_captions(checkpoints, three_data, images_fi
 
 def test_titles_name_the_classes_the_data_records(checkpoints, three_data, images_file, tmp_path) -> None:
     argv = visualize_argv(checkpoints, three_data, "unused", "--images_file", images_file, "--global_ckpt", "")
-    assert visualize.Gallery(visualize.parse_args(argv)).named(0) == ""  # no summary.json: no names
+    assert visualize.ScoredSplit(visualize.parse_args(argv)).named(0) == ""  # no summary.json: no names
     data = tmp_path / three_data["name"]
     shutil.copytree(os.path.join(three_data["fine"], three_data["name"]), data)
     names = ["ant", "bee", "cat", "dog"]
     (data / "summary.json").write_text(json.dumps({"label_mapping": {n: i for i, n in enumerate(names)}}))
-    gallery = visualize.Gallery(visualize.parse_args(argv + ["--local_data_path", str(tmp_path)]))
+    gallery = visualize.ScoredSplit(visualize.parse_args(argv + ["--local_data_path", str(tmp_path)]))
     labels = np.load(data / "test_labels.npy")
     assert [gallery.named(i) for i in range(TEST_IMAGES)] == [f" ({names[label]})" for label in labels]
 
