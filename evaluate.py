@@ -19,7 +19,7 @@ from gallery import evaluate_shortlist
 from metrics import KS, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from options import saved_option
 from provenance import sha256_file
-from subnetwork import (OpenedSplit, Subnetwork, SubnetworkConfig, add_subnetwork_arguments,
+from evaluation import (OpenedSplit, Subnetwork, SubnetworkConfig, add_subnetwork_arguments,
                         check_subnetwork_arguments, open_split, score_rows, split_labels)
 from vocab import read_captions
 

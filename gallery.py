@@ -28,7 +28,7 @@ from files import atomic_write_bytes
 from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, relevance, summarize_queries
 from provenance import sha256_file
 from scoring import encode_split
-from subnetwork import Subnetwork
+from evaluation import Subnetwork
 
 # Elements of one block of scores or relevance: 128 MB in float32.
 BLOCK_ELEMENTS = 1 << 25

@@ -32,7 +32,7 @@ from errors import InputError, OutputError, report_errors
 from files import atomic_write_bytes
 from gallery import load_or_encode_global, rank
 from metrics import protocol_labels, relevance as relevance_of
-from subnetwork import Subnetwork, SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split
+from evaluation import Subnetwork, SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split
 from vocab import read_captions
 
 INDEX_KINDS = ("flat", "hnsw")

@@ -27,7 +27,7 @@ from errors import InputError, report_errors
 from files import atomic_write, check_writable
 from metrics import protocol_labels, relevance
 from model_local import text_to_image_attention
-from subnetwork import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
+from evaluation import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
 from vocab import read_captions
 
 TOP = 5

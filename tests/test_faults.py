@@ -19,11 +19,11 @@ import torch
 import demo
 import download
 import evaluate
+import evaluation
 import files
 import models
 import options
 import prepare_data
-import subnetwork
 import trainer
 import vocab as vocab_cli
 from checkpoint import load_checkpoint, save_checkpoint
@@ -268,7 +268,7 @@ def no_scoring(monkeypatch):
     """Any scoring fails the test: the checks must come first."""
     def fail(*args, **kwargs):
         raise AssertionError("scoring started before the outputs were checked")
-    monkeypatch.setattr(subnetwork, "similarity_matrix", fail)
+    monkeypatch.setattr(evaluation, "similarity_matrix", fail)
 
 
 @pytest.mark.parametrize("flag,value,message", [

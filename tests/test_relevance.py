@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import evaluate
+import evaluation
 import search
-import subnetwork
 import visualize
 from metrics import duplicate_captions, instance_labels, ranking_metrics, retrieval_metrics
 from tests.conftest import make_dataset, save_untrained
@@ -123,10 +123,10 @@ def test_evaluate_instance_with_fusion_tuning_saved_sims_and_plot(twin_data, tmp
         assert f"{row['mR']:6.2f}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # w maximises the instance rsum on dev (first best), computed here with the looped reference
-    nets = subnetwork.open_subnetworks(evaluate.parse_args(evaluate_argv(twin_data, tmp_path)), torch.device("cpu"))
+    nets = evaluation.open_subnetworks(evaluate.parse_args(evaluate_argv(twin_data, tmp_path)), torch.device("cpu"))
     g, l = nets[0].sims("dev"), nets[1].sims("dev")
-    scores = [instance_metrics_reference(w * g + (1 - w) * l, K)["rsum"] for w in subnetwork.FUSION_GRID]
-    assert summary["fusion_weight"] == pytest.approx(subnetwork.FUSION_GRID[int(np.argmax(scores))])
+    scores = [instance_metrics_reference(w * g + (1 - w) * l, K)["rsum"] for w in evaluation.FUSION_GRID]
+    assert summary["fusion_weight"] == pytest.approx(evaluation.FUSION_GRID[int(np.argmax(scores))])
 
 
 def test_instance_shortlist_of_the_whole_gallery_equals_the_full_evaluation(twin_data, tmp_path, capsys):

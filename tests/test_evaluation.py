@@ -1,4 +1,4 @@
-"""subnetwork.py: the typed configuration of the shared flags, open_split, and evaluate.run called from Python."""
+"""evaluation.py: the typed configuration of the shared flags, open_split, and evaluate.run called from Python."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ import evaluate
 import search
 import visualize
 from metrics import retrieval_metrics
-from subnetwork import FUSION_GRID, SubnetworkConfig, open_split
+from evaluation import FUSION_GRID, SubnetworkConfig, open_split
 
 
 @pytest.mark.parametrize("parse,argv,config", [
