@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 import evaluate
 import trainer
 from data import COARSE_FOLDER, FINE_FOLDER, PrecompDataset, has_split
 from errors import InputError, check_number, report_errors
 from files import check_writable
-from models import build_model
+from models import untrained_model
 from options import parse_options, resolve_device
 from scoring import validate
 from synthetic import NOTICE, generate
@@ -77,10 +75,9 @@ def train_argv(args: argparse.Namespace, kind: str) -> list[str]:
 def untrained_map(args: argparse.Namespace, kind: str) -> float:
     """Mean of i2t and t2i mAP on test of a freshly initialised subnetwork (same seed as training)."""
     opt = parse_options(kind, train_argv(args, kind))
-    torch.manual_seed(opt["seed"])
     vocab = load_vocab(vocab_file(args.vocab_path, NAME))
     device = resolve_device(args.device)
-    model = build_model(kind, opt, len(vocab)).to(device)
+    model = untrained_model(kind, opt, len(vocab)).to(device)
     test = PrecompDataset(opt["data_path"], NAME, "test", vocab, kind, opt["cnn_dim"], opt["bovw_dim"])
     return validate(model, test, opt["batch_size"], device)["rsum"] / 2
 

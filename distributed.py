@@ -1,16 +1,16 @@
-"""Data-parallel training under torchrun: process group, global-batch gathering, coordinated stops.
+"""Data-parallel training under torchrun: process group, global-batch gathering, agreement between ranks.
 
 torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) starts one
 process per GPU (or several on CPU). Every rank encodes its slice of the same global batch; the slices
 are gathered with gradients so the MSB loss sees the whole batch, and DistributedDataParallel averages
-the parameter gradients. Without those variables everything here is a no-op for a single process.
+the parameter gradients. Without those variables everything here is a no-op for a single process
+(how the ranks stop together on a signal: run_guard.py).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
-import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +24,8 @@ from options import resolve_device
 
 class DistributedError(ReportedError):
     """Another process of the run died, hung past the timeout or could not be reached."""
+
+    every_rank = True  # each rank says which peer it lost
 
 
 @dataclass(frozen=True)
@@ -163,35 +165,15 @@ def lost_peer_message(ctx: Context, err: BaseException, checkpoint: str) -> str:
             f"({reason}); this process stops too. Resume with the same command plus --resume {checkpoint}")
 
 
+def max_over_ranks(ctx: Context, value: int) -> int:
+    """The largest of the ranks' values (the same answer on every rank; the value itself in one process)."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
 def any_rank(ctx: Context, flag: bool) -> bool:
     """Whether the flag is set on any rank (the same answer on every rank; the flag itself in one process)."""
-    if not ctx.enabled:
-        return flag
-    value = torch.tensor([int(flag)], device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
-
-
-class StopRequests:
-    """SIGINT / SIGTERM noted instead of raised, so that all ranks stop together at the same step."""
-
-    def __init__(self, signals: tuple[signal.Signals, ...]):
-        self.signals = signals
-        self.received = 0  # the signal number, 0 while none arrived
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequests:
-        def note(signum, frame):
-            self.received = signum
-        self._previous = {s: signal.signal(s, note) for s in self.signals}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, ctx: Context) -> str | None:
-        """The name of a signal any rank received (the same answer on every rank), or None."""
-        flag = torch.tensor([self.received], device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag)).name if int(flag) else None
+    return bool(max_over_ranks(ctx, int(flag)))

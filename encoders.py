@@ -1,15 +1,13 @@
-"""Encoders shared by the global and local subnetworks (docs/METHOD.md section 3)."""
+"""Encoders shared by the global and local subnetworks (docs/METHOD.md section 3); subnetwork.py uses them."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 L2_EPS = 1e-8
-SIMILARITIES = ("P", "A1", "A2")  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
 # Devices whose single-layer GRU may run on the padded batch instead of packed sequences: on CPU the
 # packed backward zero-fills a full-size gradient at each of the L time steps, a cost that grows with
 # L relative to the GRU's own work (which grows with the hidden size). Same numbers either way.
@@ -104,65 +102,3 @@ def pool_words(words: torch.Tensor, lengths: torch.Tensor, mode: str = "padded_m
     if mode == "masked_mean":
         return total / lengths.to(total)[:, None]
     raise ValueError(f"unknown text pooling {mode!r}: use padded_mean or masked_mean")
-
-
-def to_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision (autocast) outputs back to float32; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class TwoBranchModel(nn.Module):
-    """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
-
-    Subclasses set `kind` and `aux_weights` (the option names weighting S_A1 and S_A2) and define
-    `encode_primary_texts` and `similarity(name, encoded)`: S_P, S_A1 or S_A2 (B, B) of the outputs of
-    `encode`, rows images.
-    """
-
-    kind = ""
-    aux_weights: tuple[str, str] = ("", "")
-
-    def __init__(self, opt: dict, vocab_size: int):
-        super().__init__()
-        self.opt = dict(opt)
-        embed = opt["embed_size"]
-        self.img_cnn = VisualEncoder(opt["cnn_dim"], embed)
-        self.img_bovw = VisualEncoder(opt["bovw_dim"], embed)
-        self.txt_cnn = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
-        self.txt_bovw = TextEncoder(vocab_size, opt["word_dim"], embed, opt["num_layers"], opt["bi_gru"])
-
-    def encode_primary_images(self, cnn: torch.Tensor) -> torch.Tensor:
-        """CNN-branch image embeddings used for retrieval, one per image (or per block)."""
-        return self.img_cnn(cnn)
-
-    def encode_primary(self, cnn: torch.Tensor, captions: torch.Tensor,
-                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Primary image and caption embeddings of a batch (the inputs of primary_similarity)."""
-        return self.encode_primary_images(cnn), self.encode_primary_texts(captions, lengths)
-
-    def encode(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor,
-               lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-item outputs of the four encoders (image vectors or blocks, padded word vectors, lengths)."""
-        return {"cnn": self.img_cnn(cnn), "bovw": self.img_bovw(bovw), "cnn_words": self.txt_cnn(captions, lengths),
-                "bovw_words": self.txt_bovw(captions, lengths), "lengths": lengths}
-
-    def forward(self, cnn: torch.Tensor, bovw: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 of a batch; `gather` joins the slices of all ranks into the global batch.
-
-        Under autocast the encoders may run in half precision; the similarities are computed in float32.
-        """
-        encoded = {name: to_float32(value) for name, value in self.encode(cnn, bovw, captions, lengths).items()}
-        if gather is not None:
-            encoded = {name: gather(value) for name, value in encoded.items()}
-        with torch.autocast(cnn.device.type, enabled=False):
-            return self.similarities(encoded)
-
-    def similarities(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """S_P, S_A1, S_A2 (B, B) of the outputs of `encode`."""
-        return {name: self.similarity(name, encoded) for name in SIMILARITIES}
-
-    def loss_weights(self) -> dict[str, float]:
-        """Weight of each similarity's MSB term: 1 for S_P, the option values for S_A1, S_A2."""
-        first, second = self.aux_weights
-        return {"P": 1.0, "A1": float(self.opt[first]), "A2": float(self.opt[second])}

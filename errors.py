@@ -10,6 +10,8 @@ from typing import Callable
 class ReportedError(Exception):
     """An error whose message is complete for the user: no traceback is shown."""
 
+    every_rank = False  # under torchrun: printed by every rank (what one rank saw), not by rank 0 alone
+
 
 class InputError(ReportedError):
     """Bad input from the user (a file, a flag, a checkpoint); the message names what and where."""
@@ -23,20 +25,27 @@ class TrainingError(ReportedError):
     """Training had to stop (a non-finite loss); the message says where and what was kept."""
 
 
+def _rank_zero() -> bool:
+    """Rank 0 under torchrun (which sets RANK), or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_errors(main: Callable[..., object]) -> Callable[..., object]:
     """Wrap a CLI entry point: a ReportedError prints one line and exits with status 2, a Ctrl-C that the
-    script does not handle itself (loading data, scoring) one line and status 130. Under torchrun a refused
-    input is printed by rank 0 alone, so the ranks' lines do not interleave."""
+    script does not handle itself (loading data, scoring) one line and status 130. Under torchrun rank 0
+    alone prints (every rank reads the same input and computes the same numbers), so the ranks' lines do not
+    interleave; errors marked every_rank (a lost peer) are printed by each rank."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except ReportedError as err:
-            if not (isinstance(err, InputError) and os.environ.get("RANK", "0") != "0"):
-                print(f"error: {err}", file=sys.stderr)  # under torchrun rank 0 alone: every rank reads the same input
+            if _rank_zero() or err.every_rank:
+                print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("\ninterrupted (Ctrl-C); files already written are complete", file=sys.stderr)
+            if _rank_zero():
+                print("\ninterrupted (Ctrl-C); files already written are complete", file=sys.stderr)
             sys.exit(130)
     return wrapper
 

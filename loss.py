@@ -52,3 +52,10 @@ def triplet_loss(sims: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) 
         total = total + (hinge.sum(dim=1) / p.sum(dim=1).clamp_min(1)).sum()  # an unlabelled item: none
     return total
 
+
+
+def pair_loss(sims: torch.Tensor, labels: torch.Tensor, opt: dict) -> torch.Tensor:
+    """The loss of one similarity term chosen by --loss: MSB (docs/METHOD.md section 5) or the VSE++ triplet baseline."""
+    if opt["loss"] == "triplet":
+        return triplet_loss(sims, labels, opt["margin"])
+    return msb_loss(sims, labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from encoders import TwoBranchModel, pool_words
+from encoders import pool_words
+from subnetwork import TwoBranchModel
 
 
 class GlobalModel(TwoBranchModel):
     """FC image encoders and BiGRU caption encoders; similarities are inner products of unit-ish vectors."""
 
     kind = "global"
-    aux_weights = ("alpha_1", "alpha_2")
+    aux_weights = {"alpha_1": 0.8, "alpha_2": 0.8}  # weights of S_A1, S_A2 and their defaults (docs/METHOD.md section 5)
 
     def _caption_vectors(self, encoder, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return pool_words(encoder(captions, lengths), lengths, self.opt["text_pooling"])

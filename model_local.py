@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from encoders import L2_EPS, TwoBranchModel
+from encoders import L2_EPS
+from subnetwork import TwoBranchModel
 
 ATTENTION_NORMS = ("clipped_l2norm", "l2norm", "softmax", "no_norm")
 L2_NORMS = ("clipped_l2norm", "l2norm")
@@ -299,7 +300,7 @@ class LocalModel(TwoBranchModel):
     """Fine-grained subnetwork: block and word encoders for the CNN and BoVW branches."""
 
     kind = "local"
-    aux_weights = ("beta_1", "beta_2")
+    aux_weights = {"beta_1": 0.4, "beta_2": 0.4}  # weights of S_A1, S_A2 and their defaults (docs/METHOD.md section 5)
 
     def __init__(self, opt: dict, vocab_size: int):
         if opt["raw_feature_norm"] not in ATTENTION_NORMS:

@@ -20,6 +20,16 @@ def build_model(kind: str, opt: dict, vocab_size: int) -> nn.Module:
     raise InputError(f"unknown subnetwork kind {kind!r}")
 
 
+def untrained_model(kind: str, opt: dict, vocab_size: int) -> nn.Module:
+    """The subnetwork as training starts it: the global RNG seeded with --seed, then the model built.
+
+    The one recipe of an untrained model: training, reproduce.py's untrained row, demo.py and the tests
+    all get the same initial weights from the same options.
+    """
+    torch.manual_seed(opt["seed"])
+    return build_model(kind, opt, vocab_size)
+
+
 def load_weights(model: nn.Module, weights: dict, path: str, built_from: str, why: str = "") -> None:
     """load_state_dict, or one line naming the first tensor that is missing, extra or of another shape."""
     expected = model.state_dict()

@@ -8,12 +8,14 @@ import torch
 from data import COARSE_FOLDER, FINE_FOLDER, MAX_CAPTION_WORDS
 from errors import InputError, check_number
 from metrics import RELEVANCE
+from model_global import GlobalModel
+from model_local import LocalModel
 
-SUBNETWORK_DEFAULTS = {
+SUBNETWORK_DEFAULTS = {  # weights: the auxiliary-weight flags and defaults, as each model class defines them
     "global": dict(data_path=f"./data/{COARSE_FOLDER}", run_dir="./checkpoint/M2HSE/Global/Corel5K",
-                   weights=(("alpha_1", 0.8), ("alpha_2", 0.8))),
+                   weights=tuple(GlobalModel.aux_weights.items())),
     "local": dict(data_path=f"./data/{FINE_FOLDER}", run_dir="./checkpoint/M2HSE/Local/Corel5K",
-                  weights=(("beta_1", 0.4), ("beta_2", 0.4))),
+                  weights=tuple(LocalModel.aux_weights.items())),
 }
 
 

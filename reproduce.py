@@ -24,8 +24,6 @@ import threads
 
 threads.passive_wait_policy()  # before torch is imported
 
-import torch  # noqa: E402
-
 import dev_curves  # noqa: E402
 import evaluate  # noqa: E402
 import provenance  # noqa: E402
@@ -35,13 +33,13 @@ from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from data import COARSE_FOLDER, FINE_FOLDER  # noqa: E402
 from errors import InputError, report_errors  # noqa: E402
 from files import atomic_write_bytes, check_writable  # noqa: E402
-from models import build_model  # noqa: E402
-from options import changed_options, parse_options  # noqa: E402
+from models import untrained_model  # noqa: E402
+from options import SUBNETWORK_DEFAULTS, changed_options, parse_options  # noqa: E402
 from published import published_rows  # noqa: E402
 from run_log import PERFORMANCE_LOG, read_performance  # noqa: E402
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file  # noqa: E402
 
-AUX_WEIGHTS = {"global": ("alpha_1", "alpha_2"), "local": ("beta_1", "beta_2")}
+AUX_WEIGHTS = {kind: tuple(dict(d["weights"])) for kind, d in SUBNETWORK_DEFAULTS.items()}  # the flag names
 # training variant -> (what it is, flags after the pass-through ones; noaux's come from AUX_WEIGHTS)
 VARIANTS = {
     "full": ("", ()),
@@ -317,10 +315,9 @@ class Reproduction:
 
 
 def save_untrained(kind: str, opt: dict, path: str) -> None:
-    """Checkpoint of the freshly initialised subnetwork: the seed and build order of trainer.Trainer."""
-    torch.manual_seed(opt["seed"])
+    """Checkpoint of the freshly initialised subnetwork, as training starts it."""
     vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
-    model = build_model(kind, opt, len(vocab))
+    model = untrained_model(kind, opt, len(vocab))
     data = provenance.data_fingerprint(os.path.join(opt["data_path"], opt["data_name"]))
     save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx, "epoch": 0,
                      "data": data}, path)

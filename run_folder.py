@@ -3,7 +3,8 @@
 A training run writes checkpoint.pth.tar, model_best.pth.tar, performance.log, loss.log and TensorBoard
 event files. A new run into a folder that holds any of them would replace the best model and mix its logs
 with the old ones, so it goes on only with --resume (continue that run) or --overwrite (the old files are
-moved to a timestamped subfolder first; nothing is deleted).
+moved to a timestamped subfolder first; nothing is deleted). --resume continues the run of the folder its
+checkpoint lies in: in that folder, or in folders that hold no run yet.
 """
 from __future__ import annotations
 
@@ -66,14 +67,31 @@ def archive(folder: str, names: list[str]) -> str:
     return target
 
 
+def _listed(names: list[str]) -> str:
+    """The first two file names of a run, for a one-line message."""
+    return ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+
+
 def refusal(folder: str, names: list[str]) -> InputError:
     """The one line that stops a run into a folder holding another run, with the two ways on."""
     last = os.path.join(folder, CHECKPOINTS[0])
     resume = f"add --resume {last} to continue it, or " if CHECKPOINTS[0] in names else ""
-    return InputError(f"{folder}: holds another training run ({', '.join(names[:2])}"
-                      f"{', ...' if len(names) > 2 else ''}); {resume}add --overwrite to move it to "
-                      f"{os.path.join(folder, ARCHIVE_PREFIX)}<time>/ and start afresh, or choose another "
+    return InputError(f"{folder}: holds another training run ({_listed(names)}); {resume}add --overwrite to move "
+                      f"it to {os.path.join(folder, ARCHIVE_PREFIX)}<time>/ and start afresh, or choose another "
                       "--model_name / --logger_name")
+
+
+def foreign_resume(opt: dict, folder: str, names: list[str]) -> InputError:
+    """The one line that stops --resume of another folder's checkpoint into a folder holding a run."""
+    source = os.path.dirname(opt["resume"]) or "."
+    return InputError(f"{folder}: holds another training run ({_listed(names)}), and --resume {opt['resume']} "
+                      f"continues the run of {source}; give --model_name / --logger_name {source} to continue it "
+                      "there, or folders that hold no run to continue it in new ones")
+
+
+def resumes_in_place(opt: dict) -> bool:
+    """Whether --resume continues the run of --model_name (its checkpoint lies in that folder)."""
+    return os.path.realpath(os.path.dirname(opt["resume"]) or ".") == os.path.realpath(opt["model_name"])
 
 
 def claim(opt: dict, kind: str) -> list[RunLock]:
@@ -95,8 +113,10 @@ def claim(opt: dict, kind: str) -> list[RunLock]:
             check_subnetwork(folder, kind)
         for folder in folders.values():
             names = run_files(folder)
-            if not names or opt.get("resume"):
+            if not names or (opt.get("resume") and resumes_in_place(opt)):
                 continue
+            if opt.get("resume"):
+                raise foreign_resume(opt, folder, names)
             if not opt.get("overwrite"):
                 raise refusal(folder, names)
             print(f"--overwrite: moved the previous run in {folder} to {archive(folder, names)}", flush=True)

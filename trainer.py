@@ -1,12 +1,14 @@
-"""The one training loop of both subnetworks (docs/METHOD.md section 6): Adam, step lr, MSB losses, dev selection."""
+"""The one training loop of both subnetworks (docs/METHOD.md section 6): Adam, step lr, MSB losses, dev selection.
+
+Three jobs, three places: the run's guard (folder locks, stop signals) is run_guard.py, the checkpoint keeper
+(resume, best epoch, early stop, saving) is keeper.py, and the loop itself (epochs, steps, dev evaluation,
+reports) is here.
+"""
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -14,21 +16,17 @@ from tqdm import tqdm
 
 import distributed
 import provenance
-import run_folder
 import threads
-from checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
+from checkpoint import nonfinite_tensors
 from data import PrecompDataset, make_loader, shuffled_batches
-from errors import InputError, OutputError, TrainingError
-from loss import msb_loss, triplet_loss
-from files import check_writable, remove_stale_temporaries
-from models import build_model, load_weights
-from options import SHAPE_OPTIONS, changed_options, parse_options
+from errors import InputError, TrainingError
+from keeper import BEST, LAST, CheckpointKeeper  # noqa: F401 (BEST, LAST: the run's file names, for callers)
+from models import load_weights, untrained_model
+from options import parse_options
+from run_guard import Interrupted, RunGuard
 from run_log import RunLogger
 from scoring import validate
 from vocab import load_vocab, vocab_file
-
-LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def learning_rate(opt: dict, epoch: int) -> float:
@@ -38,13 +36,6 @@ def learning_rate(opt: dict, epoch: int) -> float:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pair_loss(sims: torch.Tensor, labels: torch.Tensor, opt: dict) -> torch.Tensor:
-    """The loss of one similarity term chosen by --loss: MSB (docs/METHOD.md section 5) or triplet (VSE++)."""
-    if opt["loss"] == "triplet":
-        return triplet_loss(sims, labels, opt["margin"])
-    return msb_loss(sims, labels, opt["gamma_1"], opt["gamma_2"], opt["Delta"])
-
-
 def adam(parameters, lr: float) -> torch.optim.Adam:
     """The released code's Adam, in torch's fused kernel: one pass per tensor, the same update."""
     return torch.optim.Adam(parameters, lr=lr, fused=True)
@@ -52,7 +43,7 @@ def adam(parameters, lr: float) -> torch.optim.Adam:
 
 def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device,
                gather=None) -> dict[str, torch.Tensor]:
-    """Weighted loss terms (MSB or triplet, --loss) of one batch; 'loss' is their sum.
+    """The model's weighted loss terms of one batch (subnetwork.py), run under --amp; 'loss' is their sum.
 
     Under torchrun `gather` joins every rank's slice, so each rank gets the loss of the global batch.
     """
@@ -61,46 +52,11 @@ def batch_loss(model: nn.Module, batch, opt: dict, device: torch.device,
     with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off"):
         sims = model(cnn.to(device), bovw.to(device), captions.to(device), lengths.to(device), gather=gather)
     labels = labels.to(device) if gather is None else gather(labels.to(device))
-    terms = {name: weight * pair_loss(sims[name], labels, opt)
-             for name, weight in getattr(model, "module", model).loss_weights().items()}  # DDP holds .module
-    terms["loss"] = sum(terms.values())
-    return terms
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived during training."""
-
-
-@contextmanager
-def interrupts_raise():
-    """Turn SIGINT / SIGTERM into Interrupted so the loop can save before leaving."""
-    def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def signals_held():
-    """Hold SIGINT / SIGTERM back for the block; yields the names of those that arrived meanwhile."""
-    held: list[str] = []
-
-    def hold(signum, frame):
-        held.append(signal.Signals(signum).name)
-    previous = {s: signal.signal(s, hold) for s in STOP_SIGNALS}
-    try:
-        yield held
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return getattr(model, "module", model).loss_terms(sims, labels)  # DDP holds the model as .module
 
 
 class Trainer:
-    """State of one training run: model, optimizer, data order, progress, best score."""
+    """The loop of one training run: model, optimizer, data order and progress; its guard and keeper beside it."""
 
     def __init__(self, kind: str, opt: dict):
         self.kind, self.opt = kind, opt
@@ -110,25 +66,25 @@ class Trainer:
                              "positive and a negative of another label in each batch, so at least 2 items")
         self.dist = distributed.setup(opt["device"], opt["gpuid"], opt["dist_timeout"])
         self.device = self.dist.device
-        if opt["amp"] == "fp16" and self.device.type != "cuda":
-            raise InputError(f"--amp fp16 needs a CUDA device, training runs on {self.device.type}; "
-                             f"use --amp bf16 or --amp off")
-        torch.manual_seed(opt["seed"])
-        check_writable(opt["model_name"])  # before any data is read
-        check_writable(opt["logger_name"], "log directory")
-        self.locks = run_folder.claim(opt, kind) if self.dist.is_main else []  # rank 0 writes the run folders
         try:
-            self._load(kind)
+            if opt["amp"] == "fp16" and self.device.type != "cuda":
+                raise InputError(f"--amp fp16 needs a CUDA device, training runs on {self.device.type}; "
+                                 f"use --amp bf16 or --amp off")
+            self.guard = RunGuard(opt, kind, self.dist)  # the folders are locked before any data is read
+            self.keeper = CheckpointKeeper(opt, kind, self.dist.is_main)
+            try:
+                self._load(kind)
+            except BaseException:
+                self.release()
+                raise
         except BaseException:
-            self.release()
+            distributed.shutdown(self.dist)  # a process leaving a live process group aborts
             raise
 
     def _load(self, kind: str) -> None:
         """Vocabulary, data, model and optimizer, restored from --resume when given."""
         opt = self.opt
-        stale = remove_stale_temporaries(opt["model_name"]) if self.dist.is_main else []  # rank 0 owns the folder
-        for name in stale:
-            print(f"removed {os.path.join(opt['model_name'], name)}: left by an interrupted save")
+        self.keeper.remove_interrupted_saves()
         self.vocab = load_vocab(vocab_file(opt["vocab_path"], opt["data_name"]))
         self.train_set = self._dataset("train")
         if opt["relevance"] == "instance":  # the positives of an item: the captions of its own image
@@ -139,16 +95,14 @@ class Trainer:
             raise InputError(f"--batch_size {opt['batch_size']} is larger than the train split "
                              f"({len(self.train_set)} items in {opt['data_path']}/{opt['data_name']})")
         self._check_batches_fill_ranks()
-        self.model = build_model(kind, opt, len(self.vocab)).to(self.device)
+        self.model = untrained_model(kind, opt, len(self.vocab)).to(self.device)
         self.train_model = distributed.wrap(self.model, self.dist)  # evaluated and saved: self.model
         self.optimizer = adam(self.model.parameters(), opt["learning_rate"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=opt["amp"] == "fp16")
         self.order_rng = torch.Generator().manual_seed(opt["seed"])
-        self.epoch, self.step, self.best_rsum = 0, 0, -math.inf
-        self.best_epoch, self.stop_reason = 0, ""  # stop_reason: "early_stop" or "num_epochs" once stopped
+        self.epoch, self.step = 0, 0
         self.evaluated = True  # False between an epoch's last batch and its dev evaluation
         self.loss_sums: dict[str, float] = {}  # of the unfinished epoch, kept across a mid-epoch resume
-        self.stops: distributed.StopRequests | None = None  # signals noted, under torchrun only
         self.epoch_rng_state = self.order_rng.get_state()  # order RNG at the start of the unfinished epoch
         if opt["resume"]:
             self._restore(opt["resume"])
@@ -170,43 +124,26 @@ class Trainer:
 
     def release(self) -> None:
         """Free the run folders for another run."""
-        for lock in self.locks:
-            lock.release()
+        self.guard.release()
 
     def state(self) -> dict:
         """Everything a resumed run needs, as a plain dict."""
         return {"kind": self.kind, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "opt": self.opt, "vocab": self.vocab.word2idx, "epoch": self.epoch, "step": self.step,
-                "best_rsum": self.best_rsum, "best_epoch": self.best_epoch, "stop_reason": self.stop_reason,
-                "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
+                **self.keeper.record(), "evaluated": self.evaluated, "order_rng": self.epoch_rng_state,
                 "torch_rng": torch.get_rng_state(), "captions_per_image": self.train_set.captions_per_image,
                 "scaler": self.scaler.state_dict(), "loss_sums": dict(self.loss_sums),
                 "data": self.data_record}
 
     def _restore(self, path: str) -> None:
-        ckpt = load_checkpoint(path, self.kind)
-        if ckpt["vocab"] != self.vocab.word2idx:
-            raise InputError(f"{path}: checkpoint was trained with another vocabulary than "
-                             f"{vocab_file(self.opt['vocab_path'], self.opt['data_name'])}")
-        if isinstance(ckpt.get("data"), dict) and (change := provenance.describe_change(ckpt["data"], self.data_record)):
-            print(f"notice: resuming on other data: in {self.data_record['folder']}, {change}", flush=True)
-        changes = changed_options(ckpt["opt"], self.opt)
-        if changes and not self.opt["allow_option_change"]:
-            raise InputError(f"{path}: options differ from the checkpoint's: {'; '.join(changes.values())}. "
-                             "Resume with the checkpoint's options, or add --allow_option_change to continue "
-                             "with the new ones")
-        if changes:
-            print(f"notice: resuming with changed options: {'; '.join(changes.values())}")
-        shape_changes = "; ".join(v for k, v in changes.items() if k in SHAPE_OPTIONS)
+        ckpt, shape_changes = self.keeper.open_resume(path, self.vocab, self.data_record)
         load_weights(self.model, ckpt["model"], path, "the given options", shape_changes)
         try:  # a checkpoint of evaluate.py's kind (no optimizer) or a damaged one: one line, not a KeyError
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt.get("scaler"):  # the fp16 loss scale, for an exact resume
                 self.scaler.load_state_dict(ckpt["scaler"])
-            self.epoch, self.step, self.best_rsum = ckpt["epoch"], int(ckpt["step"]), float(ckpt["best_rsum"])
-            # older checkpoints lack best_epoch: the patience count restarts at the resumed epoch
-            self.best_epoch = int(ckpt.get("best_epoch", self.epoch))
-            self.stop_reason = str(ckpt.get("stop_reason", ""))
+            self.epoch, self.step = ckpt["epoch"], int(ckpt["step"])
+            self.keeper.adopt(ckpt)
             self.evaluated = bool(ckpt.get("evaluated", True))
             self.loss_sums = {str(k): float(v) for k, v in ckpt.get("loss_sums", {}).items()}
             self.order_rng.set_state(ckpt["order_rng"])
@@ -216,44 +153,25 @@ class Trainer:
             raise InputError(f"{path}: cannot be resumed, its training state is missing or damaged "
                              f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
         if self.dist.is_main:
-            print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, best rsum {self.best_rsum:.2f}")
+            print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.step}, "
+                  f"best rsum {self.keeper.best_rsum:.2f}")
 
-    def save(self, best: bool = False) -> list[str]:
-        """Write model_best (when best) and checkpoint.pth.tar as one step SIGINT / SIGTERM cannot split.
+    def save(self, best: bool = False) -> None:
+        """Write model_best (when best) and checkpoint.pth.tar as one step no stop signal can split.
 
-        Returns the signals that arrived during the save, for the caller to act on. model_best is written
-        first: a crash between the two files then leaves a checkpoint whose best score model_best holds.
         Under torchrun rank 0 alone writes (every rank holds the same weights).
         """
         bad = nonfinite_tensors(self.model.state_dict())
         if bad:
             raise self.diverged(f"the weights hold NaN or inf ({', '.join(bad[:3])}); they were not saved")
-        if not self.dist.is_main:
-            return []
-        state = self.state()
-        with signals_held() as held:
-            try:
-                if best:
-                    save_checkpoint(state, os.path.join(self.opt["model_name"], BEST))
-                save_checkpoint(state, os.path.join(self.opt["model_name"], LAST))
-            except OutputError as err:
-                raise OutputError(f"{err}; {self.how_to_go_on()}") from None
-        return held
-
-    def how_to_go_on(self) -> str:
-        """What a stopped run left behind and the command that continues it."""
-        last = os.path.join(self.opt["model_name"], LAST)
-        if not os.path.exists(last):
-            return "no checkpoint was saved yet: free some space and run the same command again"
-        return f"the last saved checkpoint {last} is kept: free some space and resume with the same command " \
-               f"plus --resume {last}"
+        if self.dist.is_main:
+            with self.guard.holding():
+                self.keeper.write(self.state(), best)
 
     def diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose numbers left the finite range, saying what was kept."""
-        last = os.path.join(self.opt["model_name"], LAST)
-        kept = f"the last good checkpoint {last} is kept" if os.path.exists(last) else "no checkpoint was saved"
-        return TrainingError(f"{what} at epoch {self.epoch + 1}, batch {self.step + 1}; training stopped, {kept} "
-                             "(feature values too large, or --learning_rate too high?)")
+        return TrainingError(f"{what} at epoch {self.epoch + 1}, batch {self.step + 1}; training stopped, "
+                             f"{self.keeper.kept()} (feature values too large, or --learning_rate too high?)")
 
     def evaluate(self) -> dict:
         """Dev metrics of both protocols; result["selection"] is the rsum of --relevance (model selection)."""
@@ -284,8 +202,8 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
             self.step, count = self.step + 1, count + 1
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            if self.stops is not None and (name := self.stops.agreed(self.dist)):
-                raise Interrupted(name)  # every rank stops after the same step
+            if name := self.guard.agreed_stop():
+                raise Interrupted(name)  # under torchrun every rank stops after the same step
             # at least once an epoch; rank 0 alone logs
             if self.log and (self.step % self.opt["log_step"] == 0 or self.step == len(batches)):
                 global_step = self.epoch * len(batches) + self.step
@@ -320,60 +238,34 @@ class Trainer:
         """Train to num_epochs; returns the best rsum on the validation split."""
         if self.epoch >= self.opt["num_epochs"] and self.evaluated and self.dist.is_main:
             print(f"this run has already trained {self.epoch} epochs, --num_epochs {self.opt['num_epochs']}: "
-                  f"nothing to do (best dev rsum {self.best_rsum:.2f}); raise --num_epochs to train further",
+                  f"nothing to do (best dev rsum {self.keeper.best_rsum:.2f}); raise --num_epochs to train further",
                   flush=True)
-        with self._stop_signals():
+        with self.guard.watching():
             try:
                 if self.epoch == 0 and self.step == 0 and self.dist.is_main:
                     self.report(None, self.evaluate(), 0.0)
                 if not self.evaluated:  # the run stopped before the last finished epoch was evaluated
                     self.select_and_save(None, 0.0)
-                patience_over = distributed.any_rank(self.dist, self.patience_over())
-                while self.epoch < self.opt["num_epochs"] and not patience_over:
+                while self.epoch < self.opt["num_epochs"] and not self.patience_over():
                     self.run_epoch()
-                    patience_over = distributed.any_rank(self.dist, self.patience_over())  # rank 0 decides
             except Interrupted as sig:
                 self.stop(sig)
         if self.dist.is_main:
-            print(self.stop_line(), flush=True)
+            print(self.keeper.stop_line(self.epoch), flush=True)
         if self.log:
             self.log.close()
-        return self.best_rsum
+        return self.keeper.best_rsum
 
     def patience_over(self) -> bool:
-        """--early_stop P: the dev rsum has not improved for P epochs (known to rank 0, which evaluates)."""
-        patience = self.opt["early_stop"]
-        return self.dist.is_main and patience > 0 and self.epoch - self.best_epoch >= patience
-
-    def stop_reason_now(self) -> str:
-        """Why training stops after the epoch just evaluated ("num_epochs" wins a tie), or "" while it goes on."""
-        if self.epoch >= self.opt["num_epochs"]:
-            return "num_epochs"
-        return "early_stop" if self.patience_over() else ""
-
-    def stop_line(self) -> str:
-        """The log line saying why training stopped."""
-        best = f"best dev rsum {self.best_rsum:.2f} at epoch {self.best_epoch}"
-        if self.stop_reason_now() == "early_stop":
-            return (f"early stop after epoch {self.epoch}: the dev rsum has not improved for "
-                    f"{self.opt['early_stop']} epochs ({best}; --num_epochs {self.opt['num_epochs']})")
-        return f"stopped at --num_epochs {self.opt['num_epochs']} ({best})"
-
-    def _stop_signals(self):
-        """One process: a signal raises Interrupted at once. Under torchrun: it is noted, and all ranks
-        agree after each step to stop together, so rank 0 saves a consistent checkpoint."""
-        if not self.dist.enabled:
-            return interrupts_raise()
-        self.stops = distributed.StopRequests(STOP_SIGNALS)
-        return self.stops
+        """Whether --early_stop ends training now (rank 0 decides; every rank gets its answer)."""
+        return distributed.any_rank(self.dist, self.keeper.patience_over(self.epoch))
 
     def stop(self, sig: Interrupted) -> None:
         """Save where the run stands and exit with status 130; a further signal during this save is ignored."""
         self.save()
-        path = os.path.join(self.opt["model_name"], LAST)
         if self.dist.is_main:
-            print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {path}\n"
-                  f"resume with the same command plus --resume {path}", file=sys.stderr)
+            print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {self.keeper.last}\n"
+                  f"resume with the same command plus --resume {self.keeper.last}", file=sys.stderr)
         sys.exit(130)
 
     def run_epoch(self) -> None:
@@ -390,17 +282,12 @@ class Trainer:
             self.evaluated = True
             return
         result = self.evaluate()
-        is_best = result["selection"] > self.best_rsum
-        if is_best:
-            self.best_rsum, self.best_epoch = result["selection"], self.epoch
+        is_best = self.keeper.select(result["selection"], self.epoch)
         self.evaluated = True
-        self.stop_reason = self.stop_reason_now()  # saved with the epoch, for reproduce.py's table
-        held = self.save(best=is_best)
+        self.keeper.conclude(self.epoch)
+        self.save(best=is_best)
         self.report(losses, result, time.time() - start, is_best)
-        if held and self.stops is not None:  # under torchrun every rank stops after the next step
-            self.stops.received = signal.Signals[held[0]]
-        elif held:  # a signal that came during the save stops the run now that both files are written
-            raise Interrupted(held[0])
+        self.guard.stop_if_noted_alone()  # a signal held back by the save stops the run now
 
     def report(self, losses: dict | None, result: dict, seconds: float, is_best: bool = False) -> None:
         """The one summary line per epoch."""
@@ -424,8 +311,8 @@ def main(kind: str, argv: list[str] | None = None) -> float:
         return trainer.fit()
     except RuntimeError as err:
         if trainer.dist.enabled and distributed.is_communication_error(err):
-            last = os.path.join(trainer.opt["model_name"], LAST)
-            raise distributed.DistributedError(distributed.lost_peer_message(trainer.dist, err, last)) from None
+            message = distributed.lost_peer_message(trainer.dist, err, trainer.keeper.last)
+            raise distributed.DistributedError(message) from None
         raise
     finally:
         trainer.release()  # also after an error or an interrupt, so the same process can train there again

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
-from encoders import SIMILARITIES
 from loss import msb_loss
 from metrics import retrieval_metrics
 from models import build_model
 import trainer
 from scoring import encode_split
+from subnetwork import SIMILARITIES
 
 SHAPES = {"rsicd": RSICD, "paper": PAPER}
 ROWS = ("whole step", "batch assembly (collate)", "forward: encoders", "  image encoders (FC + L2)",

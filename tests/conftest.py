@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from checkpoint import save_checkpoint
-from models import build_model
+from models import untrained_model
 from options import parse_options
 from synthetic import generate
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file
@@ -63,8 +62,7 @@ def save_untrained(data: dict, folder, *extra: str) -> dict[str, str]:
     paths = {}
     for kind in ("global", "local"):
         opt = parse_options(kind, train_argv(kind, data, str(folder), *extra))
-        torch.manual_seed(0)
-        model = build_model(kind, opt, len(vocab))
+        model = untrained_model(kind, opt, len(vocab))
         paths[kind] = os.path.join(str(folder), f"{kind}.pth.tar")
         save_checkpoint({"kind": kind, "model": model.state_dict(), "opt": opt, "vocab": vocab.word2idx,
                          "epoch": 0}, paths[kind])

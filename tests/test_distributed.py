@@ -41,7 +41,7 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 def in_float64_recording_losses(monkeypatch) -> list[dict[str, float]]:
     """Build models and features in float64 and record every step's loss terms."""
-    real_build, real_dataset, real_step = trainer.build_model, trainer.Trainer._dataset, trainer.Trainer.train_step
+    real_build, real_dataset, real_step = trainer.untrained_model, trainer.Trainer._dataset, trainer.Trainer.train_step
     losses: list[dict[str, float]] = []
 
     def dataset(self, split):
@@ -52,7 +52,7 @@ def in_float64_recording_losses(monkeypatch) -> list[dict[str, float]]:
     def step(self, batch):
         losses.append(real_step(self, batch))
         return losses[-1]
-    monkeypatch.setattr(trainer, "build_model", lambda *args: real_build(*args).double())
+    monkeypatch.setattr(trainer, "untrained_model", lambda *args: real_build(*args).double())
     monkeypatch.setattr(trainer.Trainer, "_dataset", dataset)
     monkeypatch.setattr(trainer.Trainer, "train_step", step)
     return losses

@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import evaluate
+import loss
 import trainer
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import InputError, OutputError, TrainingError, report_errors
@@ -181,14 +182,14 @@ def test_not_a_checkpoint_dict(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    real_loss = trainer.msb_loss
+    real_loss = loss.msb_loss
     calls = {"n": 0}
 
     def nan_in_second_epoch(sims, *args):
         calls["n"] += 1
         value = real_loss(sims, *args)
         return value * float("nan") if calls["n"] > 3 * 4 + 3 else value  # 4 batches x 3 terms per epoch
-    monkeypatch.setattr(trainer, "msb_loss", nan_in_second_epoch)
+    monkeypatch.setattr(loss, "msb_loss", nan_in_second_epoch)
     with pytest.raises(TrainingError, match="epoch 2, batch 2"):
         train(tiny_data, tmp_path, "--num_epochs", "3")
     assert weights(tmp_path)["epoch"] == 1
@@ -211,11 +212,11 @@ def test_unwritable_output_directory(tiny_data, tmp_path):
 SLOW_SAVE_RUN = """
 import os, sys, time, types
 import torch
-import checkpoint, trainer
+import checkpoint, keeper, trainer
 from errors import report_errors
 
 target, marker = sys.argv[1], sys.argv[2]
-real_save_checkpoint = trainer.save_checkpoint
+real_save_checkpoint = keeper.save_checkpoint
 
 
 def write_slowly(obj, f):
@@ -233,7 +234,7 @@ def save_checkpoint(state, path):
         checkpoint.torch = torch
 
 
-trainer.save_checkpoint = save_checkpoint
+keeper.save_checkpoint = save_checkpoint
 report_errors(trainer.main)("global", sys.argv[3:])
 """
 

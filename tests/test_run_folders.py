@@ -8,6 +8,7 @@ import pytest
 
 import reproduce
 import trainer
+from checkpoint import load_checkpoint
 from errors import InputError
 from run_lock import RunLock
 from tests.conftest import run_script, train_argv
@@ -69,6 +70,28 @@ def test_overwrite_and_resume_exclude_each_other(finished_run, tiny_data):
     err = one_line(run_script("train_global.py", *train_argv("global", tiny_data, str(finished_run), "--overwrite",
                                                              "--resume", str(finished_run / "checkpoint.pth.tar"))))
     assert "--overwrite starts a new run and --resume continues one" in err
+
+
+def test_resume_from_another_folder_into_a_run_is_refused_naming_both(finished_run, tiny_data, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "performance.log").write_text("epoch 0 i2t_mAP 1.0 t2i_mAP 1.0 rsum 2.0\n")  # another run's log
+    checkpoint = finished_run / "checkpoint.pth.tar"
+    before = snapshot(other)
+    err = one_line(run_script("train_global.py", *train_argv("global", tiny_data, str(other), "--num_epochs", "2",
+                                                             "--resume", str(checkpoint))))
+    assert f"{other}: holds another training run (performance.log), and --resume {checkpoint} continues the run " \
+           f"of {finished_run}; give --model_name / --logger_name {finished_run} to continue it there" in err
+    assert snapshot(other) == before
+
+
+def test_resume_from_another_folder_into_a_free_folder_continues_there(finished_run, tiny_data, tmp_path):
+    source = snapshot(finished_run)
+    argv = train_argv("global", tiny_data, str(tmp_path / "next"), "--num_epochs", "2",
+                      "--resume", str(finished_run / "checkpoint.pth.tar"))
+    trainer.main("global", argv)
+    assert load_checkpoint(str(tmp_path / "next" / "checkpoint.pth.tar"))["epoch"] == 2
+    assert snapshot(finished_run) == source  # the source run is only read
 
 
 def test_the_lock_is_taken_before_the_data_are_read(tiny_data, tmp_path):
