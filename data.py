@@ -9,13 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from errors import InputError
+from runtime.errors import InputError
 from vocab import Vocabulary, read_captions
 
 GRID = 3  # blocks per side of the uniform grid each image is cut into
 NUM_BLOCKS = GRID * GRID
-COARSE_FOLDER = "coarse-grained-data"  # the global subnetwork's data: (N, D) features, one row per image
-FINE_FOLDER = "fine-grained-data"  # the local subnetwork's data: (N, NUM_BLOCKS, D), one row per block
 MAX_LABEL = 2 ** 53  # the largest whole number float64 labels hold exactly
 MAX_CAPTION_WORDS = 100  # default cap on caption length (words), see cap_lengths
 MAX_UNKNOWN_FRACTION = 0.5  # above this, the vocabulary belongs to other captions (another dataset)

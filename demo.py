@@ -10,11 +10,13 @@ import os
 
 import evaluate
 import trainer
-from data import COARSE_FOLDER, FINE_FOLDER, PrecompDataset, has_split
-from errors import InputError, check_number, report_errors
-from files import check_writable
-from models import untrained_model
-from options import parse_options, resolve_device
+from data import PrecompDataset, has_split
+from model_factory import untrained_model
+from options import parse_options
+from runtime.device import resolve_device
+from runtime.errors import InputError, check_number, report_errors
+from runtime.files import check_writable
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 from scoring import validate
 from synthetic import NOTICE, generate
 from vocab import build_vocab, load_vocab, read_captions, save_vocab, vocab_file

@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 
-from errors import InputError, report_errors
-from files import atomic_write, check_output_file
-from run_log import PERFORMANCE_LOG, read_performance
+from runtime.errors import InputError, report_errors
+from runtime.files import atomic_write, check_output_file
+from runtime.run_log import PERFORMANCE_LOG, read_performance
 
 PANELS = (("label", "i2t_mAP", "t2i_mAP"), ("instance", "instance_i2t_mAP", "instance_t2i_mAP"))
 

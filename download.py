@@ -12,8 +12,9 @@ import os
 import urllib.error
 import urllib.request
 
-from errors import InputError, report_errors
-from files import atomic_write_bytes, check_writable
+from runtime.errors import InputError, report_errors
+from runtime.files import atomic_write_bytes, check_writable
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 REPOSITORY = "https://raw.githubusercontent.com/peixinlei/M2HSE/{branch}/"
 BRANCHES = ("main", "master")
@@ -51,7 +52,7 @@ def read_source(relative: str, from_dir: str) -> bytes:
 def targets(data_path: str, vocab_path: str) -> dict[str, list[str]]:
     """Source file of the authors' repository -> the local paths it is written to."""
     paths = {CAPTIONS_DIR + name: [os.path.join(data_path, granularity, "corel5k_precomp", name)
-                                   for granularity in ("coarse-grained-data", "fine-grained-data")]
+                                   for granularity in (COARSE_FOLDER, FINE_FOLDER)]
              for name in CAPTIONS}
     paths[VOCAB] = [os.path.join(vocab_path, os.path.basename(VOCAB))]
     return paths

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from data import split_file
-from errors import InputError, report_errors
-from files import atomic_write, atomic_write_bytes, check_output_file, check_writable
 from gallery import evaluate_shortlist
 from metrics import KS, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from options import saved_option
-from provenance import sha256_file
+from runtime.errors import InputError, report_errors
+from runtime.files import atomic_write, atomic_write_bytes, check_output_file, check_writable
+from runtime.provenance import sha256_file
 from evaluation import (OpenedSplit, Subnetwork, SubnetworkConfig, add_subnetwork_arguments,
                         check_subnetwork_arguments, open_split, score_rows, split_labels)
 from vocab import read_captions

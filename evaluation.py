@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from data import MAX_CAPTION_WORDS, PrecompDataset, has_split
-from errors import InputError, check_number
-from files import read_utf8
 from metrics import RELEVANCE, retrieval_metrics
-from models import load_trained
-from options import resolve_device
-from provenance import data_fingerprint, describe_change
+from model_factory import load_trained
+from runtime.device import resolve_device
+from runtime.errors import InputError, check_number
+from runtime.files import read_utf8
+from runtime.provenance import data_fingerprint, describe_change
 from scoring import similarity_matrix
 
 FUSION_GRID = np.round(np.arange(0.0, 1.0001, 0.05), 2)

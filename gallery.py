@@ -23,12 +23,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from errors import InputError
-from files import atomic_write_bytes
-from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, relevance, summarize_queries
-from provenance import sha256_file
-from scoring import encode_split
 from evaluation import Subnetwork
+from metrics import KS, add_rsum, chunk_sums, protocol_labels, ranked_sums, relevance, summarize_queries
+from runtime.errors import InputError
+from runtime.files import atomic_write_bytes
+from runtime.provenance import sha256_file
+from scoring import encode_split
 
 # Elements of one block of scores or relevance: 128 MB in float32.
 BLOCK_ELEMENTS = 1 << 25

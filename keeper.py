@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import os
 
-import provenance
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, OutputError
-from files import remove_stale_temporaries
 from options import SHAPE_OPTIONS, changed_options
+from runtime import provenance
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.errors import InputError, OutputError
+from runtime.files import remove_stale_temporaries
 from vocab import Vocabulary, vocab_file
 
 LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from data import COARSE_FOLDER, FINE_FOLDER, MAX_CAPTION_WORDS
-from errors import InputError, check_number
+from data import MAX_CAPTION_WORDS
 from metrics import RELEVANCE
 from model_global import GlobalModel
 from model_local import LocalModel
+from runtime.errors import InputError, check_number
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 SUBNETWORK_DEFAULTS = {  # weights: the auxiliary-weight flags and defaults, as each model class defines them
     "global": dict(data_path=f"./data/{COARSE_FOLDER}", run_dir="./checkpoint/M2HSE/Global/Corel5K",
@@ -133,14 +132,3 @@ def check_options(opt: dict, kind: str) -> None:
         check_number(f"--{name}", opt[name], minimum=0)
     check_number("--gamma_2", opt["gamma_2"])
     check_number("--dist_timeout", opt["dist_timeout"], above=0)
-
-
-def resolve_device(name: str = "auto", gpuid: int = 0) -> torch.device:
-    """auto picks CUDA when present, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda asked for, but no CUDA device is available")
-        return torch.device("cuda", gpuid)
-    return torch.device("cpu")

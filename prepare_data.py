@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data import COARSE_FOLDER, FINE_FOLDER
-from errors import report_errors
 from extraction import backbones, pipeline
-from files import check_writable
+from runtime.errors import report_errors
+from runtime.files import check_writable
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 
 def _positive(text: str) -> int:

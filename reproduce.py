@@ -20,23 +20,23 @@ import os
 import statistics
 import time
 
-import threads
+from runtime import threads
 
 threads.passive_wait_policy()  # before torch is imported
 
 import dev_curves  # noqa: E402
 import evaluate  # noqa: E402
-import provenance  # noqa: E402
-import run_folder  # noqa: E402
+from runtime import provenance  # noqa: E402
+from runtime import run_folder  # noqa: E402
 import trainer  # noqa: E402
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from data import COARSE_FOLDER, FINE_FOLDER  # noqa: E402
-from errors import InputError, report_errors  # noqa: E402
-from files import atomic_write_bytes, check_writable  # noqa: E402
-from models import untrained_model  # noqa: E402
+from model_factory import untrained_model  # noqa: E402
 from options import SUBNETWORK_DEFAULTS, changed_options, parse_options  # noqa: E402
 from published import published_rows  # noqa: E402
-from run_log import PERFORMANCE_LOG, read_performance  # noqa: E402
+from runtime.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from runtime.errors import InputError, report_errors  # noqa: E402
+from runtime.files import atomic_write_bytes, check_writable  # noqa: E402
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER  # noqa: E402
+from runtime.run_log import PERFORMANCE_LOG, read_performance  # noqa: E402
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file  # noqa: E402
 
 AUX_WEIGHTS = {kind: tuple(dict(d["weights"])) for kind, d in SUBNETWORK_DEFAULTS.items()}  # the flag names

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from data import PrecompDataset, make_loader
-from errors import InputError
 from metrics import retrieval_metrics
+from runtime.errors import InputError
 
 
 @torch.no_grad()

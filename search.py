@@ -28,11 +28,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from data import cap_lengths, class_names, label_names, split_file
-from errors import InputError, OutputError, report_errors
-from files import atomic_write_bytes
+from evaluation import Subnetwork, SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split
 from gallery import load_or_encode_global, rank
 from metrics import protocol_labels, relevance as relevance_of
-from evaluation import Subnetwork, SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split
+from runtime.errors import InputError, OutputError, report_errors
+from runtime.files import atomic_write_bytes
 from vocab import read_captions
 
 INDEX_KINDS = ("flat", "hnsw")

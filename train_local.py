@@ -1,9 +1,9 @@
 """Train the local-level subnetwork of M2HSE: `python train_local.py --help` lists the flags."""
-import threads
+from runtime import threads
 
 threads.passive_wait_policy()  # before torch is imported
 
-from errors import report_errors  # noqa: E402
+from runtime.errors import report_errors  # noqa: E402
 from trainer import main  # noqa: E402
 
 if __name__ == "__main__":

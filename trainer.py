@@ -1,6 +1,6 @@
 """The one training loop of both subnetworks (docs/METHOD.md section 6): Adam, step lr, MSB losses, dev selection.
 
-Three jobs, three places: the run's guard (folder locks, stop signals) is run_guard.py, the checkpoint keeper
+Three jobs, three places: the run's guard (folder locks, stop signals) is runtime/run_guard.py, the checkpoint keeper
 (resume, best epoch, early stop, saving) is keeper.py, and the loop itself (epochs, steps, dev evaluation,
 reports) is here.
 """
@@ -14,17 +14,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import distributed
-import provenance
-import threads
-from checkpoint import nonfinite_tensors
 from data import PrecompDataset, make_loader, shuffled_batches
-from errors import InputError, TrainingError
+from runtime import distributed
+from runtime import provenance
+from runtime import threads
+from runtime.checkpoint import nonfinite_tensors
+from runtime.errors import InputError, TrainingError
 from keeper import BEST, LAST, CheckpointKeeper  # noqa: F401 (BEST, LAST: the run's file names, for callers)
-from models import load_weights, untrained_model
+from model_factory import load_weights, untrained_model
 from options import parse_options
-from run_guard import Interrupted, RunGuard
-from run_log import RunLogger
+from runtime.run_guard import Interrupted, RunGuard
+from runtime.run_log import RunLogger
 from scoring import validate
 from vocab import load_vocab, vocab_file
 

@@ -23,11 +23,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data import class_names, label_names, split_file
-from errors import InputError, report_errors
-from files import atomic_write, check_writable
+from evaluation import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
 from metrics import protocol_labels, relevance
 from model_local import text_to_image_attention
-from evaluation import SubnetworkConfig, add_subnetwork_arguments, check_subnetwork_arguments, open_split, score_rows
+from runtime.errors import InputError, report_errors
+from runtime.files import atomic_write, check_writable
 from vocab import read_captions
 
 TOP = 5

@@ -9,8 +9,9 @@ from collections import Counter
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from errors import InputError, check_number, report_errors
-from files import atomic_write_bytes, check_writable, read_utf8
+from runtime.errors import InputError, check_number, report_errors
+from runtime.files import atomic_write_bytes, check_writable, read_utf8
+from runtime.layout import COARSE_FOLDER
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 _TOKENIZER = NLTKWordTokenizer()  # word_tokenize(preserve_line=True) without the punkt download
@@ -105,7 +106,7 @@ def load_vocab(path: str) -> Vocabulary:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Build the vocabulary of a precomp dataset.")
-    p.add_argument("--data_path", default="./data/coarse-grained-data", help="folder holding <data_name>/")
+    p.add_argument("--data_path", default=f"./data/{COARSE_FOLDER}", help="folder holding <data_name>/")
     p.add_argument("--data_name", default="corel5k_precomp")
     p.add_argument("--vocab_path", default="./vocab", help="where <data_name>_vocab.json is written")
     p.add_argument("--threshold", type=int, default=2, help="keep words seen at least this often")

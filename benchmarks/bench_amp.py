@@ -18,7 +18,7 @@ import time
 import torch
 
 import trainer
-from data import COARSE_FOLDER, FINE_FOLDER
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 from synthetic import generate
 from vocab import build_vocab, save_vocab, vocab_file
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from data import COARSE_FOLDER, FINE_FOLDER, NUM_BLOCKS
+from data import NUM_BLOCKS
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {"cnn_dim": 512, "bovw_dim": 64}
@@ -100,8 +101,8 @@ def _generate(folder: str, n: int, chunk: int = 10000) -> None:
 
 def _prepare(folder: str, n: int) -> dict:
     """A SYNTHETIC test split of n items (both granularities), its vocabulary and untrained checkpoints."""
-    from checkpoint import save_checkpoint
-    from models import build_model
+    from runtime.checkpoint import save_checkpoint
+    from model_factory import build_model
     from options import parse_options
     from vocab import build_vocab, save_vocab, vocab_file
     _generate(folder, n)

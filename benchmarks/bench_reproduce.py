@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from data import COARSE_FOLDER, FINE_FOLDER
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 RSICD = dict(train_captions=43670, dev_images=1094, captions_per_image=5, cnn_dim=1280, bovw_dim=500, categories=31)
 FOLDERS = {"global": COARSE_FOLDER, "local": FINE_FOLDER}

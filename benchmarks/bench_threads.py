@@ -37,7 +37,7 @@ def child(kind: str, data_flags: list[str], run_dir: str) -> None:
     """Train one epoch of the prepared split; its wall and CPU seconds go to run_dir/result_<rank>.json."""
     import torch
 
-    import threads
+    from runtime import threads
     from options import parse_options
     from trainer import Trainer
     argv = [*data_flags, *RSICD.flags(), "--device", "cpu", "--logger_name", run_dir, "--model_name", run_dir,

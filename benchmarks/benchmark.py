@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from data import COARSE_FOLDER, FINE_FOLDER
 from loss import msb_loss
 from metrics import ranking_metrics
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 from tests.references import map_reference, msb_loss_reference
 
 PARTS = ("loss", "map", "global_epoch", "local_step", "local_scoring", "local_memory", "local_epoch", "features",

@@ -30,7 +30,7 @@ from torch import nn
 from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
 from loss import msb_loss
 from metrics import retrieval_metrics
-from models import build_model
+from model_factory import build_model
 import trainer
 from scoring import encode_split
 from subnetwork import SIMILARITIES

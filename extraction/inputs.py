@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import InputError
-from files import read_utf8
+from runtime.errors import InputError
+from runtime.files import read_utf8
 
 SPLITS = ("train", "dev", "test")
 MANIFEST_COLUMNS = ("image", "caption", "label", "split")

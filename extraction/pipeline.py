@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import COARSE_FOLDER, FINE_FOLDER
-from errors import InputError
 from extraction import features
+from runtime.errors import InputError
+from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 from extraction.inputs import (SPLITS, Collection, Item, label_mapping, read_caption_json, read_class_lists,
                                read_corel, read_label_csv, read_manifest)
 from extraction.stage_cache import digest, file_identity

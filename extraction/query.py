@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from data import read_summary
-from errors import InputError
 from extraction import backbones, features
+from runtime.errors import InputError
 
 
 @dataclass(frozen=True)

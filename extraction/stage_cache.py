@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from files import atomic_write
+from runtime.files import atomic_write
 
 Arrays = dict[str, np.ndarray]
 Progress = Callable[[int], None]

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from errors import InputError
 from extraction import backbones, features
 from extraction.stage_cache import Arrays, Progress, StageCache, file_identity
-from options import resolve_device
+from runtime.device import resolve_device
+from runtime.errors import InputError
 
 
 # ---------------------------------------------------------------- per-image work

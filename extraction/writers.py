@@ -12,10 +12,10 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from data import NUM_BLOCKS
-from errors import OutputError
 from extraction.inputs import SPLITS, Item
 from extraction.stage_cache import StageCache
-from files import TEMP_PREFIX, atomic_write
+from runtime.errors import OutputError
+from runtime.files import TEMP_PREFIX, atomic_write
 
 
 def allocated_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:

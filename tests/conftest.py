@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from checkpoint import save_checkpoint
-from models import untrained_model
+from model_factory import untrained_model
 from options import parse_options
+from runtime.checkpoint import save_checkpoint
 from synthetic import generate
 from vocab import build_vocab, load_vocab, save_vocab, vocab_file
 

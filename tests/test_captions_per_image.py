@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data import PrecompDataset, collate
-from errors import InputError
 from metrics import precision_recall_curve, retrieval_metrics
-from models import build_model
+from model_factory import build_model
 from options import parse_options
+from runtime.errors import InputError
 from scoring import similarity_matrix, validate
 from tests.conftest import TINY, TINY_MODEL_FLAGS, make_dataset, run_script, train_argv
 from tests.reference_local import attention

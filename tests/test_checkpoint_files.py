@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import trainer
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, OutputError
-from models import load_trained
+from model_factory import load_trained
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.errors import InputError, OutputError
 from tests.conftest import REPO, train_argv
 from tests.test_faults import disk  # noqa: F401  (fixture: a real 2 MiB tmpfs where permitted)
 

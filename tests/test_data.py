@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import PrecompDataset, collate, make_loader, shuffled_batches
-from errors import InputError
+from runtime.errors import InputError
 from vocab import load_vocab, vocab_file
 
 

@@ -7,8 +7,8 @@ import pytest
 
 import dev_curves
 import trainer
-from errors import InputError
-from run_log import PERFORMANCE_LOG, RunLogger, read_performance
+from runtime.errors import InputError
+from runtime.run_log import PERFORMANCE_LOG, RunLogger, read_performance
 from tests.conftest import train_argv
 
 NEW = ("epoch 0 i2t_mAP 10.0 t2i_mAP 20.0 instance_i2t_mAP 1.0 instance_t2i_mAP 3.0 instance_mR 2.0 rsum 30.0\n"

@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 import trainer
-from checkpoint import load_checkpoint
-from distributed import Context
+from runtime.checkpoint import load_checkpoint
+from runtime.distributed import Context
 from tests.conftest import REPO, train_argv
 
 BATCH = "7"  # 40 items: batches of 7 split 3 + 4 and a last one of 5 split 2 + 3

@@ -9,7 +9,7 @@ import pytest
 
 import trainer
 from data import PrecompDataset, load_labels
-from errors import InputError, report_errors
+from runtime.errors import InputError, report_errors
 from tests.conftest import run_script, train_argv
 from tests.test_reliability import interrupt_at_epoch_2_batch_3
 from vocab import load_vocab, vocab_file

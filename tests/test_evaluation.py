@@ -9,8 +9,8 @@ import pytest
 import evaluate
 import search
 import visualize
-from metrics import retrieval_metrics
 from evaluation import FUSION_GRID, SubnetworkConfig, open_split
+from metrics import retrieval_metrics
 
 
 @pytest.mark.parametrize("parse,argv,config", [

@@ -20,19 +20,19 @@ import demo
 import download
 import evaluate
 import evaluation
-import files
-import models
+from runtime import files
+import model_factory
 import options
 import prepare_data
 import trainer
 import vocab as vocab_cli
-from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset
-from errors import InputError, OutputError
 from extraction.inputs import read_manifest
 from extraction.stage_cache import StageCache
 from extraction.writers import write_views
-from files import atomic_write, atomic_write_bytes, read_utf8, remove_stale_temporaries
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.errors import InputError, OutputError
+from runtime.files import atomic_write, atomic_write_bytes, read_utf8, remove_stale_temporaries
 from tests.conftest import REPO, train_argv
 from vocab import Vocabulary, load_vocab, read_captions, vocab_file
 
@@ -363,7 +363,7 @@ def test_damaged_weights_name_the_whole_tensor(trained, tmp_path):
     ckpt["model"][name] = ckpt["model"][name][..., :1].clone()
     torch.save(ckpt, tmp_path / "damaged.pth.tar")
     with pytest.raises(InputError) as err:
-        models.load_trained(str(tmp_path / "damaged.pth.tar"), "global", torch.device("cpu"))
+        model_factory.load_trained(str(tmp_path / "damaged.pth.tar"), "global", torch.device("cpu"))
     assert f"tensor {name} has shape" in str(err.value) and str(err.value).endswith(
         "in the model built from its own options (the file was edited or damaged)")
 
@@ -475,7 +475,7 @@ def test_download_refuses_to_replace_other_captions_without_force(tmp_path, caps
 
 
 def test_run_logs_on_a_full_disk_are_one_line(disk):
-    from run_log import RunLogger
+    from runtime.run_log import RunLogger
     log = RunLogger(str(disk.folder))
     log.loss(0, 1, 1, {"loss": 1.0}, 2e-4)
     before = (disk.folder / "loss.log").read_text()

@@ -16,8 +16,8 @@ from metrics import retrieval_metrics
 from model_local import ATTENTION_NORMS, Fragments, LocalModel, paired_attention, shortlist_attention
 from synthetic import generate
 from tests.conftest import TINY, save_untrained
-from vocab import build_vocab, save_vocab, vocab_file
 from tests.references import shortlist_metrics_reference
+from vocab import build_vocab, save_vocab, vocab_file
 
 TOL = 1e-12
 LOCAL_OPT = {"cnn_dim": 6, "bovw_dim": 4, "embed_size": 8, "word_dim": 5, "num_layers": 1, "bi_gru": True,

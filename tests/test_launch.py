@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from checkpoint import load_checkpoint
+from runtime.checkpoint import load_checkpoint
 from tests.conftest import REPO, train_argv
 from tests.test_distributed import free_ports, wait_for
 

@@ -20,8 +20,8 @@ import torch
 from scipy.io import savemat
 
 from data import class_names, label_names, load_features, load_labels
-from errors import InputError
 from extraction import backbones, features
+from runtime.errors import InputError
 import prepare_data
 from extraction.inputs import label_mapping, read_corel, read_manifest
 from extraction.stages import weights_identity

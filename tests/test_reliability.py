@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from runtime import checkpoint
 import evaluate
 import loss
 import trainer
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import InputError, OutputError, TrainingError, report_errors
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.errors import InputError, OutputError, TrainingError, report_errors
 from tests.conftest import REPO, run_script, train_argv
 
 
@@ -212,8 +212,9 @@ def test_unwritable_output_directory(tiny_data, tmp_path):
 SLOW_SAVE_RUN = """
 import os, sys, time, types
 import torch
-import checkpoint, keeper, trainer
-from errors import report_errors
+import keeper, trainer
+from runtime import checkpoint
+from runtime.errors import report_errors
 
 target, marker = sys.argv[1], sys.argv[2]
 real_save_checkpoint = keeper.save_checkpoint

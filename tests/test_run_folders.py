@@ -8,9 +8,9 @@ import pytest
 
 import reproduce
 import trainer
-from checkpoint import load_checkpoint
-from errors import InputError
-from run_lock import RunLock
+from runtime.checkpoint import load_checkpoint
+from runtime.errors import InputError
+from runtime.run_lock import RunLock
 from tests.conftest import run_script, train_argv
 from tests.test_reproduce import reproduce_argv
 

@@ -15,9 +15,9 @@ from PIL import Image
 import prepare_data
 import search
 from evaluate import parse_args as evaluate_args
+from evaluation import Subnetwork
 from extraction.query import cnn_recipe, image_views, open_backbone, query_image
 from gallery import load_or_encode_global
-from evaluation import Subnetwork
 from tests._images import CATEGORIES, make_caption_json
 from tests.conftest import save_untrained, with_vocab
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from nltk.tokenize import word_tokenize
 
-from errors import InputError
+from runtime.errors import InputError
 from vocab import Vocabulary, build_vocab, load_vocab, read_captions, save_vocab, tokenize
 
 REAL_DATA = (Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "corel5k_text").resolve()

@@ -12,9 +12,9 @@ import torch
 import evaluate
 import trainer
 from data import collate
-from errors import InputError
 from loss import msb_loss, triplet_loss
 from options import parse_options
+from runtime.errors import InputError
 from tests.conftest import make_dataset, train_argv
 from tests.references import msb_loss_reference, triplet_loss_reference
 from tests.test_reproduce import one_thread  # noqa: F401  (autouse: one torch thread on the shared CPU)

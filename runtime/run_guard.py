@@ -11,10 +11,10 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator
 
-import distributed
-import run_folder
-from errors import InputError
-from files import check_writable
+from runtime import distributed
+from runtime import run_folder
+from runtime.errors import InputError
+from runtime.files import check_writable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from errors import InputError, OutputError
-from run_lock import RunLock
+from runtime.errors import InputError, OutputError
+from runtime.run_lock import RunLock
 
 CHECKPOINTS = ("checkpoint.pth.tar", "model_best.pth.tar")
 LOGS = ("performance.log", "loss.log")

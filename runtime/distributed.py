@@ -4,7 +4,7 @@ torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, M
 process per GPU (or several on CPU). Every rank encodes its slice of the same global batch; the slices
 are gathered with gradients so the MSB loss sees the whole batch, and DistributedDataParallel averages
 the parameter gradients. Without those variables everything here is a no-op for a single process
-(how the ranks stop together on a signal: run_guard.py).
+(how the ranks stop together on a signal: runtime/run_guard.py).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from errors import InputError, ReportedError
-from options import resolve_device
+from runtime.device import resolve_device
+from runtime.errors import InputError, ReportedError
 
 
 class DistributedError(ReportedError):

@@ -9,7 +9,7 @@ import re
 import tempfile
 from typing import BinaryIO, Callable
 
-from errors import InputError, OutputError
+from runtime.errors import InputError, OutputError
 
 TEMP_PREFIX = ".tmp-"
 _OWNED_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")  # .tmp-<pid>-...: the writer's process id

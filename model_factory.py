@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from checkpoint import check_model_options, load_checkpoint
-from errors import InputError
+from runtime.checkpoint import check_model_options, load_checkpoint
+from runtime.errors import InputError
 from vocab import Vocabulary
 
 

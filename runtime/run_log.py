@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import TextIO
 
-from errors import InputError, OutputError
+from runtime.errors import InputError, OutputError
 
 PERFORMANCE_LOG = "performance.log"
 

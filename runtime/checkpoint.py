@@ -9,8 +9,8 @@ import warnings
 
 import torch
 
-from errors import InputError
-from files import atomic_write
+from runtime.errors import InputError
+from runtime.files import atomic_write
 
 REQUIRED_KEYS = ("kind", "model", "opt", "vocab", "epoch")
 

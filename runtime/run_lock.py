@@ -5,7 +5,7 @@ import os
 import socket
 import time
 
-from errors import InputError, OutputError
+from runtime.errors import InputError, OutputError
 
 try:
     import fcntl
