@@ -261,8 +261,9 @@ class Trainer:
         return distributed.any_rank(self.dist, self.keeper.patience_over(self.epoch))
 
     def stop(self, sig: Interrupted) -> None:
-        """Save where the run stands and exit with status 130; a further signal during this save is ignored."""
-        self.save()
+        """Save where the run stands and exit with status 130; a further signal during this save is only noted."""
+        with self.guard.holding():  # the whole save, its weight check included: Ctrl-C twice must not split it
+            self.save()
         if self.dist.is_main:
             print(f"\n{sig} received at epoch {self.epoch + 1}, batch {self.step}: saved {self.keeper.last}\n"
                   f"resume with the same command plus --resume {self.keeper.last}", file=sys.stderr)

@@ -262,6 +262,32 @@ def test_signal_during_a_save_finishes_both_files(tiny_data, tmp_path, signums, 
     assert not [name for name in os.listdir(run_dir) if name.startswith(".tmp-")]
 
 
+def test_a_second_ctrl_c_while_the_stop_saves_is_only_noted(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-epoch, and again while the stop's save checks the weights: one save, status 130."""
+    sent = []
+    train_step, check = trainer.Trainer.train_step, trainer.nonfinite_tensors
+
+    def step_then_interrupt(self, batch):
+        if self.epoch == 1 and self.step == 1 and not sent:
+            sent.append("first")
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, batch)
+
+    def check_with_second_signal(tensors):
+        if sent == ["first"]:  # the first check after the first signal is the stop's save
+            sent.append("second")
+            os.kill(os.getpid(), signal.SIGINT)
+        return check(tensors)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(trainer, "nonfinite_tensors", check_with_second_signal)
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_data, tmp_path, "--num_epochs", "3")
+    assert stop.value.code == 130 and sent == ["first", "second"]
+    assert "SIGINT received at epoch 2, batch 1" in capsys.readouterr().err
+    saved = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"), "global")
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+
+
 def test_second_run_on_the_same_folder_is_refused_until_the_first_dies(tiny_data, tmp_path):
     first = start_training(tiny_data, tmp_path, TRAIN_GLOBAL)
     try:
