@@ -26,12 +26,12 @@ threads.passive_wait_policy()  # before torch is imported
 
 import dev_curves  # noqa: E402
 import evaluate  # noqa: E402
-from runtime import provenance  # noqa: E402
-from runtime import run_folder  # noqa: E402
 import trainer  # noqa: E402
 from model_factory import untrained_model  # noqa: E402
 from options import SUBNETWORK_DEFAULTS, changed_options, parse_options  # noqa: E402
 from published import published_rows  # noqa: E402
+from runtime import provenance  # noqa: E402
+from runtime import run_folder  # noqa: E402
 from runtime.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from runtime.errors import InputError, report_errors  # noqa: E402
 from runtime.files import atomic_write_bytes, check_writable  # noqa: E402

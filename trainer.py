@@ -15,14 +15,14 @@ from torch import nn
 from tqdm import tqdm
 
 from data import PrecompDataset, make_loader, shuffled_batches
+from keeper import BEST, LAST, CheckpointKeeper  # noqa: F401 (BEST, LAST: the run's file names, for callers)
+from model_factory import load_weights, untrained_model
+from options import parse_options
 from runtime import distributed
 from runtime import provenance
 from runtime import threads
 from runtime.checkpoint import nonfinite_tensors
 from runtime.errors import InputError, TrainingError
-from keeper import BEST, LAST, CheckpointKeeper  # noqa: F401 (BEST, LAST: the run's file names, for callers)
-from model_factory import load_weights, untrained_model
-from options import parse_options
 from runtime.run_guard import Interrupted, RunGuard
 from runtime.run_log import RunLogger
 from scoring import validate

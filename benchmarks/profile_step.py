@@ -27,11 +27,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+import trainer
 from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
 from loss import msb_loss
 from metrics import retrieval_metrics
 from model_factory import build_model
-import trainer
 from scoring import encode_split
 from subnetwork import SIMILARITIES
 

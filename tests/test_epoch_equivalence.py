@@ -7,11 +7,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import model_local
+import trainer as trainer_module
 from options import parse_options
 from tests.conftest import train_argv
 from tests.reference_previous import previous_implementation
-import model_local
-import trainer as trainer_module
 from trainer import Trainer
 
 TOL = 1e-6

@@ -20,7 +20,6 @@ import demo
 import download
 import evaluate
 import evaluation
-from runtime import files
 import model_factory
 import options
 import prepare_data
@@ -30,6 +29,7 @@ from data import PrecompDataset
 from extraction.inputs import read_manifest
 from extraction.stage_cache import StageCache
 from extraction.writers import write_views
+from runtime import files
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import InputError, OutputError
 from runtime.files import atomic_write, atomic_write_bytes, read_utf8, remove_stale_temporaries

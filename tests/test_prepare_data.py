@@ -19,13 +19,13 @@ import pytest
 import torch
 from scipy.io import savemat
 
+import prepare_data
 from data import class_names, label_names, load_features, load_labels
 from extraction import backbones, features
-from runtime.errors import InputError
-import prepare_data
 from extraction.inputs import label_mapping, read_corel, read_manifest
 from extraction.stages import weights_identity
 from extraction.summary import recorded_weights
+from runtime.errors import InputError
 
 from tests._images import draw_image, make_caption_json, make_collection, write_manifest
 from tests.conftest import run_script

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import checkpoint
 import evaluate
 import loss
 import trainer
+from runtime import checkpoint
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import InputError, OutputError, TrainingError, report_errors
 from tests.conftest import REPO, run_script, train_argv
