@@ -212,7 +212,7 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
 
 
 def test_a_killed_save_is_cleaned_up_on_the_next_start(tiny_data, tmp_path, capsys):
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from files import atomic_write; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from runtime.files import atomic_write; "
             "atomic_write(sys.argv[2], lambda f: (f.write(b'x' * 3_000_000), f.flush(), time.sleep(60)))")
     process = subprocess.Popen([sys.executable, "-c", code, REPO, str(tmp_path / "checkpoint.pth.tar")])
     deadline = time.time() + 60
