@@ -61,7 +61,8 @@ def draw_dev_curves(runs: dict[str, list[str]], path: str, title: str = "") -> N
             curves = [read_curves(log)[protocol] for log in logs]
             if all(curves):
                 epochs, values = mean_curve(curves)
-                ax.plot(epochs, values, marker="o", markersize=3, label=f"{name} ({len(logs)} seeds)")
+                seeds = f"{len(logs)} seed" + ("s" if len(logs) > 1 else "")
+                ax.plot(epochs, values, marker="o", markersize=3, label=f"{name} ({seeds})")
         ax.set(title=f"{protocol}-level dev mAP (mean of i2t and t2i)", xlabel="epoch (0: before training)",
                ylabel="mAP (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
