@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model_local
+from data import NUM_BLOCKS
 from loss import msb_loss
 from model_local import ATTENTION_NORMS, LocalModel, cross_attention, paired_attention, text_to_image_attention
 from tests.reference_local import (reference_attention_weights, reference_cross_attention, reference_forward,
@@ -12,7 +13,6 @@ from tests.reference_local import (reference_attention_weights, reference_cross_
 
 TOL = 1e-6
 CAPTION_LENGTHS = [3, 8, 5, 6, 4]
-N_BLOCKS = 9
 EMBED = 16
 OPT = {"cnn_dim": 12, "bovw_dim": 10, "embed_size": EMBED, "word_dim": 8, "num_layers": 1,
        "bi_gru": True, "raw_feature_norm": "clipped_l2norm", "lambda_softmax": 9.0,
@@ -37,7 +37,7 @@ def words() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def blocks(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return unit_fragments(n, N_BLOCKS, seed=seed), torch.full((n,), N_BLOCKS)
+    return unit_fragments(n, NUM_BLOCKS, seed=seed), torch.full((n,), NUM_BLOCKS)
 
 
 DIRECTIONS = {  # name -> (query, context): t2i queries words over blocks, c2b CNN over BoVW, ...
@@ -111,8 +111,8 @@ def model_batch(seed: int = 0, dtype: torch.dtype = torch.float64):
     """cnn, bovw, captions (with padding ids) and lengths for the CAPTION_LENGTHS batch."""
     g = torch.Generator().manual_seed(seed)
     n = len(CAPTION_LENGTHS)
-    cnn = torch.rand(n, N_BLOCKS, OPT["cnn_dim"], generator=g, dtype=dtype)
-    bovw = torch.rand(n, N_BLOCKS, OPT["bovw_dim"], generator=g, dtype=dtype)
+    cnn = torch.rand(n, NUM_BLOCKS, OPT["cnn_dim"], generator=g, dtype=dtype)
+    bovw = torch.rand(n, NUM_BLOCKS, OPT["bovw_dim"], generator=g, dtype=dtype)
     captions = torch.randint(4, VOCAB, (n, max(CAPTION_LENGTHS)), generator=g)
     lengths = torch.tensor(CAPTION_LENGTHS)
     captions[torch.arange(captions.size(1))[None, :] >= lengths[:, None]] = 0
@@ -168,13 +168,13 @@ def test_padding_does_not_change_scores(direction: str, norm: str) -> None:
 def primary_embeddings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """7 images and 11 captions of mixed lengths, as block and word embeddings."""
     lengths = torch.tensor([3, 8, 5, 6, 4, 3, 7, 8, 5, 4, 6])
-    return (unit_fragments(7, N_BLOCKS, seed=6), unit_fragments(len(lengths), 10, lengths.tolist(), seed=7),
+    return (unit_fragments(7, NUM_BLOCKS, seed=6), unit_fragments(len(lengths), 10, lengths.tolist(), seed=7),
             lengths)
 
 
 def test_primary_similarity_matches_reference() -> None:
     images, texts, lengths = primary_embeddings()
-    image_lengths = torch.full((len(images),), N_BLOCKS)
+    image_lengths = torch.full((len(images),), NUM_BLOCKS)
     expected = (reference_cross_attention(texts, lengths, images, image_lengths).T
                 + reference_cross_attention(images, image_lengths, texts, lengths))
     assert_close(make_model().primary_similarity(images, texts, lengths), expected)
@@ -216,12 +216,12 @@ def test_msb_loss_backpropagates_into_all_encoders() -> None:
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 def test_text_to_image_attention_matches_reference(norm: str) -> None:
     caption = unit_fragments(1, 6, seed=7)[0]
-    image = unit_fragments(1, N_BLOCKS, seed=8)[0]
+    image = unit_fragments(1, NUM_BLOCKS, seed=8)[0]
     weights = text_to_image_attention(caption, image, norm, 9.0)
-    assert weights.shape == (6, N_BLOCKS)
+    assert weights.shape == (6, NUM_BLOCKS)
     assert_close(weights, reference_attention_weights(caption, image, norm, 9.0))
     assert_close(weights.sum(dim=1), torch.ones(6, dtype=torch.float64))
-    assert weights.max() > 1.5 / N_BLOCKS  # not uniform: the attention prefers some blocks
+    assert weights.max() > 1.5 / NUM_BLOCKS  # not uniform: the attention prefers some blocks
 
 
 def test_unknown_norm_is_rejected() -> None:
