@@ -97,12 +97,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--results_dir", default="./results", help="tables go to <results_dir>/<data_name>/")
     p.add_argument("--runs_dir", default="./runs", help="checkpoints and logs go to <runs_dir>/<data_name>/")
     args, passthrough = p.parse_known_args(argv)
-    for flag in ("seeds", "ablation_seeds"):
-        given = getattr(args, flag) or args.seeds
-        try:
-            setattr(args, flag, given if isinstance(given, list) else [int(s) for s in given.split(",")])
-        except ValueError:
-            p.error(f"--{flag} must be comma-separated integers, got {given!r}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else args.seeds
+    except ValueError as err:
+        p.error(f"--seeds and --ablation_seeds must be comma-separated integers ({err})")
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
     if args.early_stop < 0:
