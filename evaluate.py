@@ -16,6 +16,7 @@ from data import split_file
 from gallery import evaluate_shortlist
 from metrics import KS, duplicate_captions, precision_recall_curve, protocol_labels, retrieval_metrics
 from options import saved_option
+from runtime import allocator
 from runtime.errors import InputError, report_errors
 from runtime.files import atomic_write, atomic_write_bytes, check_output_file, check_writable
 from runtime.provenance import sha256_file
@@ -238,4 +239,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()
     main()

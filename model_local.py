@@ -6,7 +6,9 @@ context-major layout (n_context, L_context, n_query, L_query), so the norm over 
 reduction over the last, contiguous axis and the Gram products are one bmm batched over context
 items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl and
 |v_l|^2 = w_l^T G w_l with G = C C^T (docs/METHOD.md section 4). Large galleries are processed in
-slices of context items (SLICE_ELEMENTS) so that the intermediates stay small.
+slices of context items (SLICE_ELEMENTS) so that the intermediates stay small. On a CPU the L2 score
+norms run in one fused C++ loop per context item (csrc/l2_attention.cpp, _FusedL2Attention);
+_L2Attention is the same computation as tensor ops, used on other devices and without a compiler.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import attention_kernel
 from encoders import L2_EPS
 from subnetwork import TwoBranchModel
 
@@ -107,6 +110,9 @@ def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
     For aligned pairs (_attend_aligned) raw is (P, Lc, 1, Lq) and the query's mask and squared norms
     are (P, 1, 1, Lq), so every reduction below keeps the 4-d layout until the end.
     """
+    if norm in L2_NORMS and _fused_kernel_applies(raw, query):
+        return _FusedL2Attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
+                                       norm == "clipped_l2norm", lambda_softmax)
     if norm in L2_NORMS:
         return _L2Attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
                                   norm == "clipped_l2norm", lambda_softmax)
@@ -194,6 +200,34 @@ class _L2Attention(torch.autograd.Function):
             grad_scores = torch.ops.aten.leaky_relu_backward.grad_input(grad_scores, raw, LEAKY_SLOPE, False,
                                                                         grad_input=spare)
         grad_raw = grad_scores.addcmul_(weights, grad_dot)  # raw also enters dot_l directly
+        return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
+
+
+def _fused_kernel_applies(raw: torch.Tensor, query: Fragments) -> bool:
+    """The fused kernel takes CPU tensors in the all-pairs layout (not the aligned pairs of shortlists)."""
+    return raw.device.type == "cpu" and query.sq_norms.dim() == 2 and attention_kernel.load() is not None
+
+
+class _FusedL2Attention(torch.autograd.Function):
+    """_L2Attention computed by the fused CPU kernel (csrc/l2_attention.cpp): same formula, same saved steps."""
+
+    @staticmethod
+    def forward(ctx, raw, gram, query_sq_norms, query_mask, context_mask, clipped: bool, lambda_softmax: float):
+        raw, query_sq_norms = raw.contiguous(), query_sq_norms.contiguous()
+        query_weight, context_weight = query_mask.to(raw.dtype), context_mask.to(raw.dtype)
+        backward_needs = any(ctx.needs_input_grad)
+        out, *saved = attention_kernel.load().forward(raw, gram.contiguous(), query_sq_norms, query_weight,
+                                                      context_weight, clipped, lambda_softmax, backward_needs)
+        if backward_needs:
+            ctx.save_for_backward(raw, query_sq_norms, query_weight, *saved)
+        ctx.clipped, ctx.lambda_softmax = clipped, lambda_softmax
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raw, query_sq_norms, query_weight, *saved = ctx.saved_tensors
+        grad_raw, grad_gram, grad_sq_norms = attention_kernel.load().backward(
+            grad_out, raw, query_sq_norms, query_weight, *saved, ctx.clipped, ctx.lambda_softmax)
         return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
 
 

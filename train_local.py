@@ -1,7 +1,8 @@
 """Train the local-level subnetwork of M2HSE: `python train_local.py --help` lists the flags."""
-from runtime import threads
+from runtime import allocator, threads
 
 threads.passive_wait_policy()  # before torch is imported
+allocator.keep_freed_memory()  # each step reuses its temporaries instead of page-faulting them in
 
 from runtime.errors import report_errors  # noqa: E402
 from trainer import main  # noqa: E402

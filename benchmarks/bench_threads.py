@@ -37,8 +37,9 @@ def child(kind: str, data_flags: list[str], run_dir: str) -> None:
     """Train one epoch of the prepared split; its wall and CPU seconds go to run_dir/result_<rank>.json."""
     import torch
 
-    from runtime import threads
+    from runtime import allocator, threads
     from options import parse_options
+    allocator.keep_freed_memory()  # as the training scripts do
     from trainer import Trainer
     argv = [*data_flags, *RSICD.flags(), "--device", "cpu", "--logger_name", run_dir, "--model_name", run_dir,
             "--num_epochs", "1"]

@@ -6,8 +6,8 @@
     python -m benchmarks.profile_step --compare         also time the previous implementation
 
 --compare alternates rounds of the current code and the previous one (tests/reference_previous.py:
-the local attention through autograd ops, the GRU on packed sequences) in the same process and
-prints before / after medians.
+the local attention through autograd ops, the GRU on packed sequences, torch's default Adam; and glibc's
+default memory thresholds) in the same process and prints before / after medians.
 
 Each part is timed by wall clock and by this process's CPU time (the stable figure on a shared
 machine); the table gives medians over the timed steps. The backward pass is split into the part
@@ -32,6 +32,7 @@ from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
 from loss import msb_loss
 from metrics import retrieval_metrics
 from model_factory import build_model
+from runtime import allocator
 from scoring import encode_split
 from subnetwork import SIMILARITIES
 
@@ -172,21 +173,32 @@ def profile_evaluation(kind: str, shape: Shape, model: nn.Module | None = None) 
     return parts
 
 
+@contextmanager
+def before_speed_work():
+    """The code paths before the CPU speed work (tests/reference_previous.py) and glibc's memory thresholds."""
+    from tests.reference_previous import previous_implementation
+    allocator.keep_freed_memory(False)
+    try:
+        with before_speed_work():
+            yield
+    finally:
+        allocator.keep_freed_memory()
+
+
 def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) -> None:
     """Before / after CPU medians of the step (alternating rounds) and of one dev evaluation."""
-    from tests.reference_previous import previous_implementation
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(rounds):
-        with previous_implementation():
+        with before_speed_work():
             runs["before"].append(profile_training(kind, shape, steps))
         runs["after"].append(profile_training(kind, shape, steps))
     if evaluate:
-        with previous_implementation():
+        with before_speed_work():
             runs["before"][0].update(profile_evaluation(kind, shape))
         runs["after"][0].update(profile_evaluation(kind, shape))
     floors = {"before": [], "after": []}
     for _ in range(rounds):
-        with previous_implementation():
+        with before_speed_work():
             floors["before"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
         floors["after"].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
     print(f"\n{kind} before / after, CPU ms (median of {rounds} rounds of {steps} steps)")
@@ -225,6 +237,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    allocator.keep_freed_memory()  # as the training scripts do
     shape = SHAPES[args.shape]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {shape}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

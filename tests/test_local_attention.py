@@ -48,6 +48,14 @@ DIRECTIONS = {  # name -> (query, context): t2i queries words over blocks, c2b C
 }
 
 
+@pytest.fixture(params=["fused kernel", "tensor ops"])
+def attention_path(request, monkeypatch) -> str:
+    """Both forms of the L2-norm attention: the fused CPU kernel and the tensor-op form without it."""
+    if request.param == "tensor ops":
+        monkeypatch.setattr(model_local, "_fused_kernel_applies", lambda raw, query: False)
+    return request.param
+
+
 def values_and_grads(fn, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """fn(*inputs) and the grads of a fixed random projection of it w.r.t. the inputs."""
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -63,7 +71,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL)
 
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cross_attention_matches_reference(direction: str, norm: str) -> None:
+def test_cross_attention_matches_reference(direction: str, norm: str, attention_path: str) -> None:
     (query, query_lengths), (context, context_lengths) = DIRECTIONS[direction]()
 
     def run(attend):
@@ -95,7 +103,8 @@ def test_slicing_does_not_change_values_or_grads(slice_elements: int, monkeypatc
 
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 @pytest.mark.parametrize("column_group", [1, 2, 3])
-def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, monkeypatch) -> None:
+def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, monkeypatch,
+                                                            attention_path: str) -> None:
     (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
     monkeypatch.setattr(model_local, "COLUMN_GROUP", column_group)
     grouped, grouped_grads = values_and_grads(
@@ -131,7 +140,7 @@ def projected_param_grads(sims: torch.Tensor, params: list[torch.Tensor]) -> tup
 
 
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
-def test_forward_matches_reference(norm: str) -> None:
+def test_forward_matches_reference(norm: str, attention_path: str) -> None:
     model = make_model(norm)
     batch = model_batch()
     fast, slow = model(*batch), reference_forward(model, *batch)

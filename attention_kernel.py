@@ -1,0 +1,56 @@
+"""The fused CPU kernel of the local cross-attention (csrc/l2_attention.cpp), built on first use.
+
+torch's C++ extension loader compiles it once per machine into ~/.cache/torch_extensions (about a minute;
+later processes load the cached library in a second). Without a C++ compiler, or with
+M2HSE_ATTENTION_KERNEL=0, the local subnetwork uses its tensor-op path: the same formula (equal
+to 1e-12 in float64, tests/test_attention_kernel.py), slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "l2_attention.cpp"
+# -march=native: the cached library is built for this CPU, so its name carries the CPU's identity below.
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+_state: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    """False when the user turned the kernel off with M2HSE_ATTENTION_KERNEL=0."""
+    return os.environ.get("M2HSE_ATTENTION_KERNEL", "1") != "0"
+
+
+def _cpu_identity() -> str:
+    """A short hash of the CPU model and instruction-set flags (a library built with -march=native runs only there)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    text = "\n".join([platform.machine(), platform.processor(), *lines, SOURCE.read_text(), *CFLAGS])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def load() -> ModuleType | None:
+    """The compiled kernel, or None (and one warning on stderr) when it cannot be built here."""
+    if "module" not in _state:
+        _state["module"] = _build() if enabled() else None
+    return _state["module"]
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+    try:
+        return cpp_extension.load(name=f"m2hse_l2_attention_{_cpu_identity()}", sources=[str(SOURCE)],
+                                  extra_cflags=CFLAGS, extra_ldflags=["-lmvec"], verbose=False)
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"note: the fused attention kernel could not be built ({first_line}); the local subnetwork "
+              f"uses its slower tensor-op path (same formula)", file=sys.stderr)
+        return None
