@@ -4,6 +4,7 @@
     python -m benchmarks.profile_step --shape paper     the paper's Corel 5K sizes
     python -m benchmarks.profile_step --kinds local --steps 10 --threads 2
     python -m benchmarks.profile_step --compare         also time the previous implementation
+    python -m benchmarks.profile_step --interleave      step / floor / epoch ratios, both kinds alternating
 
 --compare alternates rounds of the current code and the previous one (tests/reference_previous.py:
 the local attention through autograd ops, the GRU on packed sequences, torch's default Adam; and glibc's
@@ -179,7 +180,7 @@ def before_speed_work():
     from tests.reference_previous import previous_implementation
     allocator.keep_freed_memory(False)
     try:
-        with before_speed_work():
+        with previous_implementation():
             yield
     finally:
         allocator.keep_freed_memory()
@@ -219,6 +220,26 @@ def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) ->
               f"steps {epoch:.0f} CPU s{evaluation}")
 
 
+def interleaved(kinds: list[str], shape: Shape, steps: int, rounds: int) -> None:
+    """Step, encoder floor and epoch of each kind, measured in alternating rounds (ratios robust to load drift)."""
+    steps_cpu: dict[str, list[float]] = defaultdict(list)
+    floors: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for kind in kinds:
+            parts = profile_training(kind, shape, steps)
+            steps_cpu[kind].append(parts["whole step"][1] + parts["batch assembly (collate)"][1])
+            floors[kind].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
+    print(f"\ninterleaved: medians of {rounds} alternating rounds of {steps} steps, CPU ms")
+    epochs = {}
+    for kind in kinds:
+        step, floor = statistics.median(steps_cpu[kind]), statistics.median(floors[kind])
+        epochs[kind] = shape.train_steps() * step
+        print(f"  {kind}: step {1e3 * step:.1f} (rounds {', '.join(f'{1e3 * v:.0f}' for v in steps_cpu[kind])}), "
+              f"encoder floor {1e3 * floor:.1f}, step / floor {step / floor:.2f}x, epoch {epochs[kind]:.0f} CPU s")
+    if {"global", "local"} <= set(epochs):
+        print(f"  local epoch / global epoch: {epochs['local'] / epochs['global']:.2f}x")
+
+
 def print_table(title: str, parts: dict[str, tuple[float, float]], whole: str) -> None:
     total_cpu = parts[whole][1] or 1e-12
     print(f"\n{title}\n  {'part':<44} {'wall ms':>9} {'CPU ms':>9} {'% CPU':>6}")
@@ -234,13 +255,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true", help="skip the dev evaluation")
     p.add_argument("--compare", action="store_true", help="before / after table against the previous code")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare")
+    p.add_argument("--interleave", action="store_true",
+                   help="only the step / floor / epoch figures, kinds and floors alternating over --rounds")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare and --interleave")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     allocator.keep_freed_memory()  # as the training scripts do
     shape = SHAPES[args.shape]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {shape}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.interleave:
+        interleaved(args.kinds.split(","), shape, args.steps, args.rounds)
+        return
     for kind in args.kinds.split(","):
         if args.compare:
             compare(kind, shape, args.steps, args.rounds, not args.no_eval)
