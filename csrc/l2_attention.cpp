@@ -32,8 +32,9 @@ struct Shape {
         row(raw.size(2) * raw.size(3)) {}
 };
 
+// The clipped norm's leaky ReLU; negative_slope is 1 for the plain L2 norm (branch-free, so loops vectorise).
 template <typename T>
-inline T leaky(T v, bool clipped) { return (clipped && v < 0) ? v * T(kLeakySlope) : v; }
+inline T leaky(T v, T negative_slope) { return v > 0 ? v : v * negative_slope; }
 
 // Softmax weights w, G w, <Q_l, v_l> and |v_l|^2 of one context item against every query; scale[k, a] is
 // lambda / |h_k + eps| of the released-code L2 norm over the query's positions l.
@@ -41,14 +42,14 @@ template <typename T>
 void forward_item(const Shape& d, const T* raw, const T* gram, const T* query_mask, const T* ctx_mask, bool clipped,
                   T lambda, T* scores, T* scale_row, T* scale, T* w, T* gram_w, T* dot, T* att) {
   const int64_t row = d.row, len = d.query_len;
-  const T eps = T(kL2Eps);
+  const T eps = T(kL2Eps), negative_slope = clipped ? T(kLeakySlope) : T(1);
   T* inv_sum = att;  // the softmax denominators live in att's buffer until att is computed
   for (int64_t i = 0; i < row; ++i) inv_sum[i] = 0;
   for (int64_t k = 0; k < d.ctx_len; ++k) {
     const T* r = raw + k * row;
     T* s = scores + k * row;
 #pragma omp simd
-    for (int64_t i = 0; i < row; ++i) s[i] = leaky(r[i], clipped);
+    for (int64_t i = 0; i < row; ++i) s[i] = leaky(r[i], negative_slope);
     for (int64_t a = 0; a < d.n_query; ++a) {
       T sq = 0;
       for (int64_t l = a * len; l < (a + 1) * len; ++l) {
@@ -144,6 +145,7 @@ void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* que
                    T* weighted_sum, T* buffer) {
   const int64_t row = d.row, len = d.query_len, lc = d.ctx_len;
   const T eps = T(kL2Eps), eps_sq = T(kCosineEps * kCosineEps);
+  const T negative_slope = clipped ? T(kLeakySlope) : T(1);
   for (int64_t a = 0; a < d.n_query; ++a) {
     const T g = grad_out[a] * inv_count[a];
     for (int64_t l = a * len; l < (a + 1) * len; ++l) {
@@ -186,13 +188,12 @@ void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* que
     for (int64_t a = 0; a < d.n_query; ++a) {
       const T f = scale[k * d.n_query + a];
       T along = 0;  // back through the norm over l: logits_kl = lambda h_kl / n_k
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) along += grad_logits[l] * leaky(r[l], clipped);
+      for (int64_t l = a * len; l < (a + 1) * len; ++l) along += grad_logits[l] * leaky(r[l], negative_slope);
       along *= f * f / (lambda * lambda);
 #pragma omp simd
       for (int64_t l = a * len; l < (a + 1) * len; ++l) {
-        T grad_score = (grad_logits[l] - (leaky(r[l], clipped) + eps * query_mask[l]) * along) * f;
-        if (clipped && !(r[l] > 0)) grad_score *= T(kLeakySlope);
-        gr[l] = grad_score + wk[l] * grad_dot[l];  // raw also enters dot_l directly
+        const T grad_score = (grad_logits[l] - (leaky(r[l], negative_slope) + eps * query_mask[l]) * along) * f;
+        gr[l] = grad_score * (r[l] > 0 ? T(1) : negative_slope) + wk[l] * grad_dot[l];  // raw also enters dot_l directly
       }
     }
   }
