@@ -16,7 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "l2_attention.cpp"
-# -march=native: the cached library is built for this CPU, so its name carries the CPU's identity below.
+# -march=native: the cached library is built for this CPU, so its name carries the CPU's identity below
+# (torch's loader itself rebuilds it when the source or the flags change).
 # -fno-math-errno / -fno-trapping-math: exp and the branches of the leaky ReLU and clamps vectorise (also on
 # AVX2-only CPUs); neither changes an IEEE result.
 CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
@@ -35,7 +36,7 @@ def _cpu_identity() -> str:
         lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = []
-    text = "\n".join([platform.machine(), platform.processor(), *lines, SOURCE.read_text(), *CFLAGS])
+    text = "\n".join([platform.machine(), platform.processor(), *lines])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

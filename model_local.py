@@ -110,12 +110,10 @@ def _attend(raw: torch.Tensor, context: Fragments, query: Fragments, norm: str,
     For aligned pairs (_attend_aligned) raw is (P, Lc, 1, Lq) and the query's mask and squared norms
     are (P, 1, 1, Lq), so every reduction below keeps the 4-d layout until the end.
     """
-    if norm in L2_NORMS and _fused_kernel_applies(raw, query):
-        return _FusedL2Attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
-                                       norm == "clipped_l2norm", lambda_softmax)
     if norm in L2_NORMS:
-        return _L2Attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
-                                  norm == "clipped_l2norm", lambda_softmax)
+        attention = _FusedL2Attention if _fused_kernel_applies(raw, query) else _L2Attention
+        return attention.apply(raw, context.gram, query.sq_norms, query.mask, context.mask,
+                               norm == "clipped_l2norm", lambda_softmax)
     return attend_autograd(raw, context, query, norm, lambda_softmax)
 
 

@@ -39,8 +39,8 @@ def child(kind: str, data_flags: list[str], run_dir: str) -> None:
 
     from runtime import allocator, threads
     from options import parse_options
-    allocator.keep_freed_memory()  # as the training scripts do
     from trainer import Trainer
+    allocator.keep_freed_memory()  # as the training scripts do
     argv = [*data_flags, *RSICD.flags(), "--device", "cpu", "--logger_name", run_dir, "--model_name", run_dir,
             "--num_epochs", "1"]
     trainer = Trainer(kind, parse_options(kind, argv))

@@ -7,16 +7,12 @@ import torch
 import attention_kernel
 import model_local
 from model_local import Fragments, _FusedL2Attention, _L2Attention, _raw_scores
-
-EMBED = 6
+from tests.test_local_attention import unit_fragments
 
 
 def padded_fragments(lengths: list[int], seed: int) -> Fragments:
-    """Unit fragments (n, max(lengths), EMBED), zero beyond each true length."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(len(lengths), max(lengths), EMBED, generator=g,
-                                                  dtype=torch.float64), dim=-1)
-    return Fragments.of(x, torch.tensor(lengths))
+    """Random unit fragments with these true lengths, prepared for attention."""
+    return Fragments.of(unit_fragments(len(lengths), max(lengths), lengths, seed=seed), torch.tensor(lengths))
 
 
 def values_and_grads(function, context: Fragments, query: Fragments, clipped: bool):
