@@ -255,3 +255,19 @@ def shuffled_batches(size: int, batch_size: int, generator: torch.Generator) -> 
     """One epoch's shuffled index batches (the last one may be smaller)."""
     order = torch.randperm(size, generator=generator).tolist()
     return [order[i:i + batch_size] for i in range(0, size, batch_size)]
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                            pool_batches: int) -> list[list[int]]:
+    """One epoch's shuffled batches of captions of similar length (--length_buckets).
+
+    The shuffled order is cut into pools of pool_batches batches; each pool is sorted by caption length and
+    cut into batches, and the batches are shuffled. Shorter padding makes the GRU and the attention cheaper,
+    but batches differ from the released code's uniform ones, and so do the numbers.
+    """
+    order, pool = torch.randperm(len(lengths), generator=generator).tolist(), pool_batches * batch_size
+    batches = []
+    for start in range(0, len(order), pool):
+        by_length = sorted(order[start:start + pool], key=lengths.__getitem__)
+        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

@@ -69,6 +69,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=2e-4)
     train.add_argument("--lr_update", "--lr_updata", type=int, default=50, help="epochs between lr / 10")
     train.add_argument("--grad_clip", type=float, default=2.0, help="gradient-norm clipping")
+    train.add_argument("--length_buckets", type=int, default=0, metavar="K",
+                       help="draw each batch from a pool of K batches' worth of captions sorted by length: less "
+                            "padding, faster; changes the numbers (0: off, the released code's uniform batches)")
     train.add_argument("--seed", type=int, default=1)
     train.add_argument("--resume", default="", help="checkpoint to continue from")
     train.add_argument("--overwrite", action="store_true",
@@ -104,7 +107,7 @@ RUN_ONLY_OPTIONS = ("resume", "overwrite", "allow_option_change", "num_epochs", 
                     "max_caption_words", "allow_unknown_words")  # a cap on input length, announced whenever it cuts a caption
 SHAPE_OPTIONS = ("cnn_dim", "bovw_dim", "word_dim", "embed_size", "num_layers", "bi_gru")
 # options added after checkpoints were first saved: the value a checkpoint without them was trained with
-ADDED_OPTIONS = {"loss": "msb", "margin": 0.2, "relevance": "label", "early_stop": 0}
+ADDED_OPTIONS = {"loss": "msb", "margin": 0.2, "relevance": "label", "early_stop": 0, "length_buckets": 0}
 
 
 def saved_option(opt: dict, name: str):
@@ -128,7 +131,8 @@ def check_options(opt: dict, kind: str) -> None:
     for name in ("learning_rate", "gamma_1", "lambda_softmax"):
         check_number(f"--{name}", opt[name], above=0)
     weights = [name for name, _ in SUBNETWORK_DEFAULTS[kind]["weights"]]
-    for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", "margin", "early_stop", *weights):
+    for name in ("grad_clip", "Delta", "workers", "seed", "gpuid", "margin", "early_stop", "length_buckets",
+                 *weights):
         check_number(f"--{name}", opt[name], minimum=0)
     check_number("--gamma_2", opt["gamma_2"])
     check_number("--dist_timeout", opt["dist_timeout"], above=0)

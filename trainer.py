@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data import PrecompDataset, make_loader, shuffled_batches
+from data import PrecompDataset, length_bucketed_batches, make_loader, shuffled_batches
 from keeper import BEST, LAST, CheckpointKeeper  # noqa: F401 (BEST, LAST: the run's file names, for callers)
 from model_factory import load_weights, untrained_model
 from options import parse_options
@@ -181,11 +181,18 @@ class Trainer:
         self.log.metrics(self.epoch, result)
         return result
 
+    def epoch_batches(self) -> list[list[int]]:
+        """This epoch's index batches, drawn from the order RNG (uniform, or of similar caption lengths)."""
+        if self.opt["length_buckets"]:
+            lengths = [len(caption) for caption in self.train_set.captions]
+            return length_bucketed_batches(lengths, self.opt["batch_size"], self.order_rng, self.opt["length_buckets"])
+        return shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
+
     def train_epoch(self) -> dict[str, float]:
         """One pass over the shuffled train split (continuing mid-epoch after a resume)."""
         self.model.train()
         self.order_rng.set_state(self.epoch_rng_state)  # the epoch's order is redrawn identically on resume
-        batches = shuffled_batches(len(self.train_set), self.opt["batch_size"], self.order_rng)
+        batches = self.epoch_batches()
         mine = [self.dist.my_slice(batch) for batch in batches[self.step:]]  # all of it in one process
         loader = make_loader(self.train_set, self.opt["batch_size"], self.opt["workers"], mine)
         if self.step == 0:
@@ -308,8 +315,11 @@ def main(kind: str, argv: list[str] | None = None) -> float:
         print(f"{kind}-level subnetwork on {trainer.device}{processes}: train {trainer.train_set.describe()}, "
               f"{trainer.opt['val_split']} {trainer.val_set.describe()}, vocabulary {len(trainer.vocab)}; "
               f"{threads.describe()}", flush=True)
+    finished = False
     try:
-        return trainer.fit()
+        best = trainer.fit()
+        finished = True
+        return best
     except RuntimeError as err:
         if trainer.dist.enabled and distributed.is_communication_error(err):
             message = distributed.lost_peer_message(trainer.dist, err, trainer.keeper.last)
@@ -317,4 +327,4 @@ def main(kind: str, argv: list[str] | None = None) -> float:
         raise
     finally:
         trainer.release()  # also after an error or an interrupt, so the same process can train there again
-        distributed.shutdown(trainer.dist)
+        distributed.shutdown(trainer.dist, finished)

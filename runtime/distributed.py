@@ -79,9 +79,20 @@ def setup(device_name: str, gpuid: int, timeout_minutes: float) -> Context:
     return Context(rank, world_size, device)
 
 
-def shutdown(ctx: Context) -> None:
-    """Leave the process group (nothing to do in a single process)."""
+def shutdown(ctx: Context, finished: bool = False) -> None:
+    """Leave the process group (nothing to do in a single process).
+
+    finished: this rank got here by the normal end of its run. A barrier then waits (without holding the
+    GIL) until gloo's worker threads have let go of the last collective's tensors, which needs the GIL:
+    destroying the group while a worker still held one deadlocked at exit in about 1 run in 12.
+    After an error the peers may be gone, so there is no barrier.
+    """
     if ctx.enabled and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer stopped on an error of its own after its last step: it reports it
+                pass
         dist.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import PrecompDataset, collate, make_loader, shuffled_batches
+from data import PrecompDataset, collate, length_bucketed_batches, make_loader, shuffled_batches
 from runtime.errors import InputError
 from vocab import load_vocab, vocab_file
 
@@ -59,6 +59,27 @@ def test_loader_covers_every_item_once(tiny_data, vocab):
     seen = torch.cat([b[-1] for b in make_loader(ds, 7, batches=batches)])
     assert sorted(seen.tolist()) == list(range(40))
     assert [len(b) for b in batches] == [7] * 5 + [5]
+
+
+def padded_words(batches: list[list[int]], lengths: list[int]) -> int:
+    """Word slots the GRU and the attention compute over: each batch padded to its longest caption."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
+def test_length_buckets_cover_every_item_once_with_less_padding() -> None:
+    lengths = torch.randint(3, 30, (1000,), generator=torch.Generator().manual_seed(1)).tolist()
+    uniform = shuffled_batches(1000, 32, torch.Generator().manual_seed(2))
+    bucketed = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(2), pool_batches=8)
+    assert sorted(sum(bucketed, [])) == list(range(1000))
+    assert sorted(map(len, bucketed)) == [8] + [32] * 31  # as many full batches as uniform batching gives
+    assert padded_words(bucketed, lengths) < 0.75 * padded_words(uniform, lengths)
+    again = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(2), pool_batches=8)
+    assert again == bucketed  # drawn from the order RNG alone: a resumed epoch redraws the same batches
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(2)).tolist()  # the pools: 8 x 32 items
+    pool_of = {item: position // 256 for position, item in enumerate(order)}
+    assert all(len({pool_of[i] for i in batch}) == 1 for batch in bucketed)  # each batch from one pool
+    longest = [max(lengths[i] for i in batch) for batch in bucketed]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order shuffled
 
 
 @pytest.mark.parametrize("labels", [lambda y: y[:, None], lambda y: np.eye(4, dtype=np.int64)[y],

@@ -16,6 +16,7 @@ import trainer
 from runtime.checkpoint import load_checkpoint
 from runtime.distributed import Context
 from tests.conftest import REPO, train_argv
+from tests.test_reliability import wait_for
 
 BATCH = "7"  # 40 items: batches of 7 split 3 + 4 and a last one of 5 split 2 + 3
 KINDS = ("global", "local")
@@ -89,7 +90,13 @@ def assert_same_training(distributed: dict, single: dict) -> None:
 def two_rank_runs(tiny_data, tmp_path_factory):
     """One epoch of each subnetwork trained by 2 gloo ranks (torch.multiprocessing.spawn)."""
     root = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(two_rank_worker, args=(free_ports(len(KINDS)), tiny_data, str(root)), nprocs=2, join=True)
+    ranks = mp.spawn(two_rank_worker, args=(free_ports(len(KINDS)), tiny_data, str(root)), nprocs=2, join=False)
+    deadline = time.time() + 300  # a rank that never exits fails the test instead of hanging the suite
+    while not ranks.join(timeout=max(0.0, deadline - time.time())):
+        if time.time() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not exit within 300 s; their folders: {sorted(map(str, root.rglob('*')))}")
     return root
 
 
@@ -133,13 +140,6 @@ def test_rank_slices_concatenate_to_the_batch():
         assert sum(slices, []) == batch and max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
-def wait_for(path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not os.path.exists(path):
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.2)
-
-
 def test_torchrun_sigterm_stops_all_ranks_with_one_checkpoint(tiny_data, tmp_path):
     argv = train_argv("global", tiny_data, str(tmp_path), "--num_epochs", "1000", "--batch_size", "10")
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -169,8 +169,9 @@ def test_lost_rank_stops_the_other_with_a_clear_message(fault, tiny_data, tmp_pa
     try:
         _, err = ranks[0].communicate(timeout=60)  # no hang: the survivor stops by itself
     finally:
-        ranks[1].kill()
-        ranks[1].communicate()
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
     assert ranks[0].returncode == 2, err
     assert "rank 0 of 2: another process of the run stopped or stopped answering" in err, err
     assert f"--resume {tmp_path / 'checkpoint.pth.tar'}" in err and "Traceback" not in err, err

@@ -10,7 +10,8 @@ import pytest
 
 from runtime.checkpoint import load_checkpoint
 from tests.conftest import REPO, train_argv
-from tests.test_distributed import free_ports, wait_for
+from tests.test_distributed import free_ports
+from tests.test_reliability import wait_for
 
 
 def launch(tiny_data, run_dir, *extra: str) -> subprocess.Popen:

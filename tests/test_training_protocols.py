@@ -11,7 +11,7 @@ import torch
 
 import evaluate
 import trainer
-from data import collate
+from data import collate, length_bucketed_batches, shuffled_batches
 from loss import msb_loss, triplet_loss
 from options import parse_options
 from runtime.errors import InputError
@@ -161,7 +161,7 @@ def test_resume_keeps_the_patience_count(five_data, tmp_path, capsys):
 def test_an_older_checkpoint_resumes_as_label_msb(five_data, tmp_path, capsys):
     train("global", five_data, tmp_path, "--num_epochs", "1", capsys=capsys)
     state = torch.load(tmp_path / trainer.LAST, weights_only=True)
-    for key in ("loss", "margin", "relevance", "early_stop"):
+    for key in ("loss", "margin", "relevance", "early_stop", "length_buckets"):
         del state["opt"][key]
     del state["best_epoch"], state["stop_reason"]
     torch.save(state, tmp_path / trainer.LAST)
@@ -171,3 +171,21 @@ def test_an_older_checkpoint_resumes_as_label_msb(five_data, tmp_path, capsys):
     with pytest.raises(InputError, match="--relevance label in the checkpoint, instance given"):
         train("global", five_data, tmp_path, "--num_epochs", "3", "--relevance", "instance", "--resume",
               str(tmp_path / trainer.LAST))
+
+
+@pytest.mark.parametrize("buckets", [0, 2])
+def test_length_buckets_choose_the_epoch_batches(five_data, tmp_path, monkeypatch, buckets):
+    drawn = []
+    real_loader = trainer.make_loader
+
+    def loader(dataset, batch_size, workers=0, batches=None):
+        if batches is not None:  # the training order (evaluation loaders go in dataset order)
+            drawn.append(([len(caption) for caption in dataset.captions], batches))
+        return real_loader(dataset, batch_size, workers, batches)
+    monkeypatch.setattr(trainer, "make_loader", loader)
+    train("local", five_data, tmp_path, "--num_epochs", "1", "--batch_size", "8", "--length_buckets", str(buckets))
+    [(lengths, batches)] = drawn
+    order_rng = torch.Generator().manual_seed(1)  # the --seed default
+    expected = (length_bucketed_batches(lengths, 8, order_rng, buckets) if buckets
+                else shuffled_batches(len(lengths), 8, order_rng))
+    assert batches == expected
