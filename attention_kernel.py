@@ -20,7 +20,11 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "l2_attention.cpp"
 # (torch's loader itself rebuilds it when the source or the flags change).
 # -fno-math-errno / -fno-trapping-math: exp and the branches of the leaky ReLU and clamps vectorise (also on
 # AVX2-only CPUs); neither changes an IEEE result.
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
+# -fopenmp (compiling only, not linking): at::parallel_for spreads the context items over torch's threads, its
+# calls served by the OpenMP runtime torch has already loaded (a second runtime would bring a second thread
+# pool). Where torch's runtime does not serve them, the kernel is built again for one thread.
+THREADED, ONE_THREAD = "-fopenmp", "-fopenmp-simd"
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -47,11 +51,20 @@ def load() -> ModuleType | None:
     return _state["module"]
 
 
-def _build() -> ModuleType | None:
+def _compile(threads_flag: str, suffix: str = "") -> ModuleType:
     from torch.utils import cpp_extension
+    return cpp_extension.load(name=f"m2hse_l2_attention_{_cpu_identity()}{suffix}", sources=[str(SOURCE)],
+                              extra_cflags=[*CFLAGS, threads_flag], extra_ldflags=["-lmvec"], verbose=False)
+
+
+def _build() -> ModuleType | None:
     try:
-        return cpp_extension.load(name=f"m2hse_l2_attention_{_cpu_identity()}", sources=[str(SOURCE)],
-                                  extra_cflags=CFLAGS, extra_ldflags=["-lmvec"], verbose=False)
+        try:
+            return _compile(THREADED)
+        except ImportError as error:  # e.g. "undefined symbol: GOMP_parallel": no GNU OpenMP loaded by torch
+            if "undefined symbol" not in str(error):
+                raise
+            return _compile(ONE_THREAD, "_one_thread")
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"note: the fused attention kernel could not be built ({first_line}); the local subnetwork "

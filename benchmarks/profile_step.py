@@ -222,20 +222,22 @@ def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) ->
 
 def interleaved(kinds: list[str], shape: Shape, steps: int, rounds: int) -> None:
     """Step, encoder floor and epoch of each kind, measured in alternating rounds (ratios robust to load drift)."""
-    steps_cpu: dict[str, list[float]] = defaultdict(list)
+    # one thread: CPU time, stable on a shared machine; several: wall time, since CPU time adds the threads up
+    clock, unit = (1, "CPU") if torch.get_num_threads() == 1 else (0, "wall")
+    step_times: dict[str, list[float]] = defaultdict(list)
     floors: dict[str, list[float]] = defaultdict(list)
     for _ in range(rounds):
         for kind in kinds:
             parts = profile_training(kind, shape, steps)
-            steps_cpu[kind].append(parts["whole step"][1] + parts["batch assembly (collate)"][1])
-            floors[kind].append(profile_training(kind, shape, steps, floor=True)["whole step"][1])
-    print(f"\ninterleaved: medians of {rounds} alternating rounds of {steps} steps, CPU ms")
+            step_times[kind].append(parts["whole step"][clock] + parts["batch assembly (collate)"][clock])
+            floors[kind].append(profile_training(kind, shape, steps, floor=True)["whole step"][clock])
+    print(f"\ninterleaved: medians of {rounds} alternating rounds of {steps} steps, {unit} ms")
     epochs = {}
     for kind in kinds:
-        step, floor = statistics.median(steps_cpu[kind]), statistics.median(floors[kind])
+        step, floor = statistics.median(step_times[kind]), statistics.median(floors[kind])
         epochs[kind] = shape.train_steps() * step
-        print(f"  {kind}: step {1e3 * step:.1f} (rounds {', '.join(f'{1e3 * v:.0f}' for v in steps_cpu[kind])}), "
-              f"encoder floor {1e3 * floor:.1f}, step / floor {step / floor:.2f}x, epoch {epochs[kind]:.0f} CPU s")
+        print(f"  {kind}: step {1e3 * step:.1f} (rounds {', '.join(f'{1e3 * v:.0f}' for v in step_times[kind])}), "
+              f"encoder floor {1e3 * floor:.1f}, step / floor {step / floor:.2f}x, epoch {epochs[kind]:.0f} {unit} s")
     if {"global", "local"} <= set(epochs):
         print(f"  local epoch / global epoch: {epochs['local'] / epochs['global']:.2f}x")
 

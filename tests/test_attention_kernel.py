@@ -74,6 +74,23 @@ def test_a_failed_build_falls_back_with_one_note(monkeypatch, capsys) -> None:
     assert len(lines) == 1 and "g++ not found" in lines[0] and "same formula" in lines[0]
 
 
+def test_where_torch_serves_no_openmp_it_is_built_for_one_thread(monkeypatch) -> None:
+    from torch.utils import cpp_extension
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        if attention_kernel.THREADED in kwargs["extra_cflags"]:
+            raise ImportError("m2hse_l2_attention.so: undefined symbol: GOMP_parallel")
+        return "one-thread module"
+
+    monkeypatch.setattr(attention_kernel, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert attention_kernel.load() == "one-thread module"
+    assert [(c["name"].endswith("_one_thread"), attention_kernel.ONE_THREAD in c["extra_cflags"]) for c in calls] == [
+        (False, False), (True, True)]
+
+
 def test_without_a_backward_nothing_is_kept_and_values_agree() -> None:
     context, query = padded_fragments([9, 9, 9], seed=6), padded_fragments([5, 8, 3], seed=7)
     raw = _raw_scores(context.vectors, query.vectors)
@@ -82,3 +99,17 @@ def test_without_a_backward_nothing_is_kept_and_values_agree() -> None:
                                                          context.mask.double(), True, 9.0, False)
     assert w.numel() == 0 and gram_w.numel() == 0  # no (nC, Lc, nQ, Lq) tiles written for evaluation
     assert (out - with_grad.detach()).abs().max().item() < 1e-12
+
+
+def test_context_items_spread_over_threads_give_the_same_bits() -> None:
+    context, query = padded_fragments([9] * 8, seed=8), padded_fragments([5, 8, 3, 7], seed=9)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(values_and_grads(_FusedL2Attention, context, query, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
