@@ -57,14 +57,18 @@ def _compile(threads_flag: str, suffix: str = "") -> ModuleType:
                               extra_cflags=[*CFLAGS, threads_flag], extra_ldflags=["-lmvec"], verbose=False)
 
 
+def _compile_for_torch_threads() -> ModuleType:
+    try:
+        return _compile(THREADED)
+    except ImportError as error:  # e.g. "undefined symbol: GOMP_parallel": no GNU OpenMP loaded by torch
+        if "undefined symbol" not in str(error):
+            raise
+        return _compile(ONE_THREAD, "_one_thread")
+
+
 def _build() -> ModuleType | None:
     try:
-        try:
-            return _compile(THREADED)
-        except ImportError as error:  # e.g. "undefined symbol: GOMP_parallel": no GNU OpenMP loaded by torch
-            if "undefined symbol" not in str(error):
-                raise
-            return _compile(ONE_THREAD, "_one_thread")
+        return _compile_for_torch_threads()
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"note: the fused attention kernel could not be built ({first_line}); the local subnetwork "

@@ -7,7 +7,7 @@ from data import MAX_CAPTION_WORDS
 from metrics import RELEVANCE
 from model_global import GlobalModel
 from model_local import LocalModel
-from runtime.errors import InputError, check_number
+from runtime.errors import check_number
 from runtime.layout import COARSE_FOLDER, FINE_FOLDER
 
 SUBNETWORK_DEFAULTS = {  # weights: the auxiliary-weight flags and defaults, as each model class defines them

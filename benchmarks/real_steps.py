@@ -51,10 +51,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     allocator.keep_freed_memory()  # as the training scripts do
     times, epoch_steps = step_seconds(args.kind, train_flags, args.steps, args.warmup)
-    median = statistics.median(times)
+    low, median, high = statistics.quantiles(times)
     print(f"{args.kind}: {threads.describe()}, {len(times)} timed steps: median {1e3 * median:.1f} ms wall "
-          f"(quartiles {1e3 * statistics.quantiles(times)[0]:.1f}-{1e3 * statistics.quantiles(times)[2]:.1f}); "
-          f"{epoch_steps} steps an epoch: {median * epoch_steps:.0f} s of steps")
+          f"(quartiles {1e3 * low:.1f}-{1e3 * high:.1f}); {epoch_steps} steps an epoch: "
+          f"{median * epoch_steps:.0f} s of steps")
 
 
 if __name__ == "__main__":
