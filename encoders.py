@@ -18,7 +18,14 @@ UNPACK_LENGTH_RATIO = 32
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = L2_EPS) -> torch.Tensor:
-    """The released code's L2 normalisation: x / sqrt(sum((x + eps)^2)); zero rows stay zero."""
+    """The released code's L2 normalisation: x / sqrt(sum((x + eps)^2)); zero rows stay zero.
+
+    Half-precision input (--amp) is normalised in float32, so every encoder output is float32 (float64
+    stays float64): in float16 the eps rounds to 0 and a zero (padding) row became 0/0, and under CUDA
+    autocast both half types gave wrong losses and NaN gradients.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     return x / (x + eps).pow(2).sum(dim=dim, keepdim=True).sqrt()
 
 

@@ -24,11 +24,6 @@ from loss import pair_loss
 SIMILARITIES = ("P", "A1", "A2")  # primary, auxiliary 1 (BoVW-text), auxiliary 2 (CNN-BoVW)
 
 
-def to_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision (autocast) outputs back to float32; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class TwoBranchModel(nn.Module):
     """The four encoders of a subnetwork: CNN and BoVW image branches, each with its own text encoder.
 
@@ -62,9 +57,10 @@ class TwoBranchModel(nn.Module):
                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """S_P, S_A1, S_A2 (B, B) of a batch; `gather` joins the slices of all ranks into the global batch.
 
-        Under autocast the encoders may run in half precision; the similarities are computed in float32.
+        Under autocast the encoders may run in half precision; their outputs (encoders.l2norm) and the
+        similarities are float32.
         """
-        encoded = {name: to_float32(value) for name, value in self.encode(cnn, bovw, captions, lengths).items()}
+        encoded = self.encode(cnn, bovw, captions, lengths)
         if gather is not None:
             encoded = {name: gather(value) for name, value in encoded.items()}
         with torch.autocast(cnn.device.type, enabled=False):

@@ -189,10 +189,13 @@ def test_bf16_autocast_keeps_similarities_and_loss_in_float32(kind, tiny_data, t
     mixed = trainer.batch_loss(t.model, batch, t.opt, t.device)
     full = trainer.batch_loss(t.model, batch, {**t.opt, "amp": "off"}, t.device)
     cnn, bovw, captions, lengths, _, _ = batch
+    projected = []
+    t.model.img_cnn.fc.register_forward_hook(lambda module, inputs, output: projected.append(output.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         encoded = t.model.encode(cnn, bovw, captions, lengths)
         sims = t.model(cnn, bovw, captions, lengths)
-    assert encoded["cnn"].dtype == torch.bfloat16  # the encoders did run in bf16
+    assert projected == [torch.bfloat16, torch.bfloat16]  # the encoders did run in bf16 ...
+    assert all(v.dtype == torch.float32 for k, v in encoded.items() if k != "lengths")  # ... and are normalised in float32
     assert all(s.dtype == torch.float32 for s in sims.values())
     assert mixed["loss"].dtype == torch.float32 and mixed["loss"].requires_grad
     assert abs(mixed["loss"].item() - full["loss"].item()) < 0.05 * abs(full["loss"].item())

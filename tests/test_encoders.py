@@ -52,6 +52,15 @@ def test_l2norm_eps_inside_square_and_zero_rows():
     assert torch.allclose(l2norm(y, dim=0), l2norm_reference(y.T).T, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_l2norm_of_half_precision_is_float32_and_keeps_zero_rows(half):
+    x = torch.cat([torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 0.05, torch.zeros(2, 64)])
+    out = l2norm(x.to(half))  # --amp: encoder outputs in half precision, padding rows zero
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # float16 once gave 0/0 at zero rows
+    assert torch.equal(out[3:], torch.zeros(2, 64))
+    assert torch.allclose(out, l2norm_reference(x.to(half).double()).float(), atol=1e-6, rtol=0)
+
+
 # --- VisualEncoder --------------------------------------------------------------------------
 
 def test_visual_encoder_init_range_and_zero_bias():

@@ -17,9 +17,11 @@ from trainer import Trainer
 TOL = 1e-6
 
 
-def weights_after_one_epoch(kind: str, tiny_data: dict, run_dir: str, previous: bool) -> tuple[dict, dict]:
-    """Initial and trained weights of one float64 epoch (the trainer's own loop and data order)."""
-    argv = train_argv(kind, tiny_data, run_dir, "--seed", "4", "--learning_rate", "0.01")
+def weights_after_one_epoch(kind: str, tiny_data: dict, run_dir: str, *extra: str,
+                            previous: bool = False) -> tuple[dict, dict]:
+    """Initial and trained weights of one float64 epoch (the trainer's own loop and data order); extra: more
+    training flags."""
+    argv = train_argv(kind, tiny_data, run_dir, "--seed", "4", "--learning_rate", "0.01", *extra)
     with previous_implementation() if previous else nullcontext():
         trainer = Trainer(kind, parse_options(kind, argv))
         try:
@@ -37,7 +39,7 @@ def weights_after_one_epoch(kind: str, tiny_data: dict, run_dir: str, previous: 
 @pytest.mark.parametrize("kind", ["global", "local"])
 def test_fast_code_trains_the_same_weights_as_the_previous_code(kind: str, tiny_data, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(model_local, "COLUMN_GROUP", 3)  # several caption groups in each batch of 10
-    initial, fast = weights_after_one_epoch(kind, tiny_data, str(tmp_path / "fast"), previous=False)
+    initial, fast = weights_after_one_epoch(kind, tiny_data, str(tmp_path / "fast"))
     _, previous = weights_after_one_epoch(kind, tiny_data, str(tmp_path / "previous"), previous=True)
     assert fast.keys() == previous.keys()
     assert not any(fast[k].equal(previous[k]) for k in fast if k.endswith("weight_hh_l0"))  # other code ran
