@@ -1,5 +1,5 @@
 """Thread policy on this CPU: RSICD-sized training steps with 1 and 2 torch threads, two trainings side
-by side, and torchrun on CPU, all in one command.
+by side, torchrun on CPU, and OpenMP's wait settings (sleep, spin, a short spin), all in one command.
 
     python -m benchmarks.bench_threads              20 steps per configuration (a few minutes)
     python -m benchmarks.bench_threads --steps 8    quicker
@@ -21,15 +21,18 @@ import time
 
 from benchmarks.shapes import RSICD, write_dataset
 
-# name -> (processes, threads each, OMP_WAIT_POLICY or None for OpenMP's default, under torchrun)
+# name -> (processes, threads each, OpenMP wait settings (none: OpenMP's default), under torchrun)
+PASSIVE, SHORT_SPIN = {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "100000"}
 CONFIGS = {
-    "1 process, 1 thread": (1, 1, "PASSIVE", False),
-    "1 process, 2 threads, OpenMP default wait": (1, 2, None, False),
-    "1 process, 2 threads, PASSIVE": (1, 2, "PASSIVE", False),
-    "2 processes side by side, 1 thread each": (2, 1, "PASSIVE", False),
-    "2 processes side by side, 2 threads each, OpenMP default wait": (2, 2, None, False),
-    "2 processes side by side, 2 threads each, PASSIVE": (2, 2, "PASSIVE", False),
-    "torchrun --nproc_per_node 2 (gloo), 1 thread each": (2, 1, "PASSIVE", True),
+    "1 process, 1 thread": (1, 1, PASSIVE, False),
+    "1 process, 2 threads, OpenMP default wait": (1, 2, {}, False),
+    "1 process, 2 threads, PASSIVE": (1, 2, PASSIVE, False),
+    "2 processes side by side, 1 thread each": (2, 1, PASSIVE, False),
+    "2 processes side by side, 2 threads each, OpenMP default wait": (2, 2, {}, False),
+    "2 processes side by side, 2 threads each, PASSIVE": (2, 2, PASSIVE, False),
+    "torchrun --nproc_per_node 2 (gloo), 1 thread each": (2, 1, PASSIVE, True),
+    "1 process, 2 threads, GOMP_SPINCOUNT=100000": (1, 2, SHORT_SPIN, False),
+    "2 processes side by side, 2 threads each, GOMP_SPINCOUNT=100000": (2, 2, SHORT_SPIN, False),
 }
 
 
@@ -57,11 +60,9 @@ def child(kind: str, data_flags: list[str], run_dir: str) -> None:
 
 def launch(kind: str, config: tuple, data_flags: list[str], root: str, name: str) -> list[dict]:
     """Start the configuration's processes together; the result of each."""
-    processes, threads_each, policy, torchrun = config
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"OMP_NUM_THREADS": str(threads_each), "MKL_NUM_THREADS": str(threads_each)})
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+    processes, threads_each, wait, torchrun = config
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update({"OMP_NUM_THREADS": str(threads_each), "MKL_NUM_THREADS": str(threads_each), **wait})
     module = ["-m", "benchmarks.bench_threads", "--child", kind, "--data", json.dumps(data_flags)]
     tag = name.replace(" ", "_").replace(",", "")
     if torchrun:
