@@ -7,8 +7,10 @@ reduction over the last, contiguous axis and the Gram products are one bmm batch
 items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl and
 |v_l|^2 = w_l^T G w_l with G = C C^T (docs/METHOD.md section 4). Large galleries are processed in
 slices of context items (SLICE_ELEMENTS) so that the intermediates stay small. On a CPU the L2 score
-norms run in one fused C++ loop per context item (csrc/l2_attention.cpp, _FusedL2Attention);
-_L2Attention is the same computation as tensor ops, used on other devices and without a compiler.
+norms run in one fused C++ loop per context item (csrc/l2_attention.cpp): _FusedPairedAttention scores
+both directions of paired_attention from one tile of raw scores, _FusedL2Attention one direction
+(cross_attention); _L2Attention is the same computation as tensor ops, used on other devices and without
+a compiler.
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return positions[None, :] < lengths[:, None]
 
 
+def trimmed(fragments: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded fragments (n, L, d) trimmed to the longest true length with the padding zeroed, and their mask."""
+    lengths = lengths.to(fragments.device)
+    mask = length_mask(lengths, int(lengths.max()))
+    return fragments[:, :mask.size(1)] * mask[..., None].to(fragments.dtype), mask
+
+
 @dataclass
 class Fragments:
     """Padded fragment sets (n, L, d) with what attention needs of them as query or as context."""
@@ -51,9 +60,7 @@ class Fragments:
     @classmethod
     def of(cls, fragments: torch.Tensor, lengths: torch.Tensor) -> Fragments:
         """Trim to the longest true length and zero the padding, so padding scores exactly 0."""
-        lengths = lengths.to(fragments.device)
-        mask = length_mask(lengths, int(lengths.max()))
-        vectors = fragments[:, :mask.size(1)] * mask[..., None].to(fragments.dtype)
+        vectors, mask = trimmed(fragments, lengths)
         return cls(vectors, mask, torch.bmm(vectors, vectors.transpose(1, 2)), vectors.pow(2).sum(-1))
 
     def select(self, items: torch.Tensor) -> Fragments:
@@ -201,9 +208,14 @@ class _L2Attention(torch.autograd.Function):
         return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
 
 
+def _kernel_serves(device: torch.device) -> bool:
+    """Whether the fused CPU kernel computes the L2-norm attention of tensors on this device."""
+    return device.type == "cpu" and attention_kernel.load() is not None
+
+
 def _fused_kernel_applies(raw: torch.Tensor, query: Fragments) -> bool:
     """The fused kernel takes CPU tensors in the all-pairs layout (not the aligned pairs of shortlists)."""
-    return raw.device.type == "cpu" and query.sq_norms.dim() == 2 and attention_kernel.load() is not None
+    return query.sq_norms.dim() == 2 and _kernel_serves(raw.device)
 
 
 class _FusedL2Attention(torch.autograd.Function):
@@ -227,6 +239,46 @@ class _FusedL2Attention(torch.autograd.Function):
         grad_raw, grad_gram, grad_sq_norms = attention_kernel.load().backward(
             grad_out, raw, query_sq_norms, query_weight, *saved, ctx.clipped, ctx.lambda_softmax)
         return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
+
+
+class _FusedPairedAttention(torch.autograd.Function):
+    """att(Q = col, C = row) + att(Q = row, C = col) of all (row, col) pairs of trimmed fragment vectors, both
+    directions in one fused kernel call (csrc/l2_attention.cpp, the second direction's tiles read from the
+    first's raw scores): the same formula as _paired_fragments with an L2 score norm. The raw scores, Gram
+    matrices and squared norms and their gradients are computed here, a few tensor ops where autograd would
+    record a graph of them."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, row_mask, col_mask, clipped: bool, lambda_softmax: float):
+        (n_rows, row_len, dim), (n_cols, col_len, _) = rows.shape, cols.shape
+        flat_rows, flat_cols = rows.reshape(-1, dim), cols.reshape(-1, dim)
+        raw = (flat_rows @ flat_cols.T).view(n_rows, row_len, n_cols, col_len)
+        row_sq, col_sq = rows.pow(2).sum(-1), cols.pow(2).sum(-1)
+        row_weight, col_weight = row_mask.to(rows.dtype), col_mask.to(rows.dtype)
+        backward_needs = any(ctx.needs_input_grad)
+        out, *state = attention_kernel.load().paired_forward(
+            raw, torch.bmm(rows, rows.transpose(1, 2)), torch.bmm(cols, cols.transpose(1, 2)), row_sq, col_sq,
+            row_weight, col_weight, clipped, lambda_softmax, backward_needs)
+        if backward_needs:
+            ctx.save_for_backward(rows, cols, raw, row_sq, col_sq, row_weight, col_weight, *state)
+        ctx.clipped, ctx.lambda_softmax = clipped, lambda_softmax
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, cols, raw, row_sq, col_sq, row_weight, col_weight, *state = ctx.saved_tensors
+        grad_raw, grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq = attention_kernel.load().paired_backward(
+            grad_out, raw, row_sq, col_sq, row_weight, col_weight, state[:5], state[5:], ctx.clipped,
+            ctx.lambda_softmax)
+        flat_grad = grad_raw.view(rows.size(0) * rows.size(1), -1)
+        grads = []
+        for vectors, other, flat_part, grad_gram, grad_sq in ((rows, cols, flat_grad, grad_row_gram, grad_row_sq),
+                                                              (cols, rows, flat_grad.T, grad_col_gram, grad_col_sq)):
+            # raw = R C^T, G = X X^T, |x|^2: d/dX = grad_raw C (or its transpose R), (dG + dG^T) X, 2 d|x|^2 x
+            grad = (flat_part @ other.reshape(-1, other.size(-1))).view_as(vectors)
+            grad = grad.baddbmm_(grad_gram + grad_gram.transpose(1, 2), vectors)
+            grads.append(grad.addcmul_(grad_sq[..., None], vectors, value=2))
+        return (*grads, None, None, None, None)
 
 
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
@@ -253,19 +305,39 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     With rows = image blocks and cols = words this is t2i + i2t; with rows = CNN blocks and
     cols = BoVW blocks it is S_A2. Both directions share the raw scores of each slice of rows.
     """
-    rows = Fragments.of(rows, row_lengths)
+    if raw_feature_norm in L2_NORMS and _kernel_serves(rows.device):
+        rows_trimmed = trimmed(rows, row_lengths)
+
+        def group_scores(vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return _fused_pairs(rows_trimmed, trimmed(vectors, lengths), raw_feature_norm == "clipped_l2norm",
+                                lambda_softmax)
+    else:
+        row_fragments = Fragments.of(rows, row_lengths)
+
+        def group_scores(vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return _paired_fragments(row_fragments, Fragments.of(vectors, lengths), raw_feature_norm, lambda_softmax)
     col_lengths = col_lengths.to(cols.device)
     if bool((col_lengths == col_lengths[0]).all()):
-        return _paired_fragments(rows, Fragments.of(cols, col_lengths), raw_feature_norm, lambda_softmax)
+        return group_scores(cols, col_lengths)
     # Columns of similar length together: each group is trimmed to its longest, so little padding is scored.
     by_length = torch.argsort(col_lengths, stable=True)
-    groups = [_paired_fragments(rows, Fragments.of(cols.index_select(0, g), col_lengths.index_select(0, g)),
-                                raw_feature_norm, lambda_softmax) for g in by_length.split(COLUMN_GROUP)]
+    groups = [group_scores(cols.index_select(0, g), col_lengths.index_select(0, g)) for g in by_length.split(COLUMN_GROUP)]
     return torch.cat(groups, dim=1).index_select(1, torch.argsort(by_length))
 
 
+def _fused_pairs(rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tensor, torch.Tensor], clipped: bool,
+                 lambda_softmax: float) -> torch.Tensor:
+    """paired_attention of trimmed (vectors, mask) by the fused kernel, in slices of rows (as _paired_fragments)."""
+    (row_vectors, row_mask), (col_vectors, col_mask) = rows, cols
+    step = max(1, SLICE_ELEMENTS // (row_vectors.size(1) * col_mask.numel()))
+    if step >= len(row_vectors):  # one slice: no slicing ops for autograd to undo
+        return _FusedPairedAttention.apply(row_vectors, col_vectors, row_mask, col_mask, clipped, lambda_softmax)
+    return torch.cat([_FusedPairedAttention.apply(row_vectors[r:r + step], col_vectors, row_mask[r:r + step], col_mask,
+                                                  clipped, lambda_softmax) for r in range(0, len(row_vectors), step)])
+
+
 def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
-    """paired_attention of prepared fragments, in slices of rows."""
+    """paired_attention of prepared fragments by tensor ops (and _attend's kernel per direction), in slices of rows."""
     step = _slice_size(rows, cols)
     cols_as_query, rows_as_query = [], []
     for r in range(0, len(rows), step):

@@ -5,6 +5,8 @@
 // context mask (nC, Lc). One context item at a time: its (Lc, nQ * Lq) tile stays in cache through every
 // step, where the tensor-op form makes a pass over the whole batch per step. Loops run along the flat
 // nQ * Lq axis so that the compiler vectorises them (exp included, through glibc's vector math library).
+// paired_forward / paired_backward run both directions of one tile of paired scores (model_local's
+// _FusedPairedAttention): the second direction gathers each of its tiles from the first's layout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -27,10 +29,32 @@ constexpr double kCosineEps = 1e-8;  // model_local.COSINE_EPS
 
 struct Shape {
   int64_t n_ctx, ctx_len, n_query, query_len, row;  // row = n_query * query_len, one context fragment's scores
-  explicit Shape(const at::Tensor& raw)
-      : n_ctx(raw.size(0)), ctx_len(raw.size(1)), n_query(raw.size(2)), query_len(raw.size(3)),
-        row(raw.size(2) * raw.size(3)) {}
+  Shape(int64_t n_ctx, int64_t ctx_len, int64_t n_query, int64_t query_len)
+      : n_ctx(n_ctx), ctx_len(ctx_len), n_query(n_query), query_len(query_len), row(n_query * query_len) {}
+  explicit Shape(const at::Tensor& raw) : Shape(raw.size(0), raw.size(1), raw.size(2), raw.size(3)) {}
+  // The other direction of the same scores: the queries become the context items.
+  Shape transposed() const { return Shape(n_query, query_len, n_ctx, ctx_len); }
 };
+
+// Context item c's tile of the other direction, tile[k, (b, l)] = raw[b, l, c, k], gathered from raw
+// (n_ctx, ctx_len, n_query, query_len) of shape d; and the sum of such a tile's gradient back into raw.
+template <typename T>
+void gather_transposed(const Shape& d, const T* raw, int64_t c, T* tile) {
+  const int64_t columns = d.n_ctx * d.ctx_len;
+  for (int64_t bl = 0; bl < columns; ++bl) {
+    const T* from = raw + bl * d.row + c * d.query_len;
+    for (int64_t k = 0; k < d.query_len; ++k) tile[k * columns + bl] = from[k];
+  }
+}
+
+template <typename T>
+void add_transposed(const Shape& d, const T* tile, int64_t c, T* raw) {
+  const int64_t columns = d.n_ctx * d.ctx_len;
+  for (int64_t bl = 0; bl < columns; ++bl) {
+    T* to = raw + bl * d.row + c * d.query_len;
+    for (int64_t k = 0; k < d.query_len; ++k) to[k] += tile[k * columns + bl];
+  }
+}
 
 // The clipped norm's leaky ReLU; negative_slope is 1 for the plain L2 norm (branch-free, so loops vectorise).
 template <typename T>
@@ -114,25 +138,53 @@ void mean_cosines(const Shape& d, const T* dot, const T* att, const T* query_sq,
   }
 }
 
+// One direction of the attention: its raw scores, query norms and mask, and the state forward writes for the
+// backward (w, G w: (n_ctx, ctx_len, n_query, query_len), null without a backward; scale (n_ctx, ctx_len,
+// n_query); dot and att (n_ctx, n_query, query_len)).
 template <typename T>
-void forward_all(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
-                 const at::Tensor& query_mask, const at::Tensor& ctx_mask, bool clipped, double lambda,
-                 at::Tensor& out, at::Tensor& w, at::Tensor& gram_w, at::Tensor& scale, at::Tensor& dot,
-                 at::Tensor& att) {
-  const Shape d(raw);
+struct Direction {
+  Shape d;
+  bool transposed;  // raw is stored in the other direction's layout (d.transposed()): its tiles are gathered
+  const T *raw, *query_sq, *query_mask;
+  T *w, *gram_w, *scale, *dot, *att;
+};
+
+std::vector<at::Tensor> new_state(const Shape& d, bool save, const at::TensorOptions& options) {
+  const std::vector<int64_t> tile = save ? std::vector<int64_t>{d.n_ctx, d.ctx_len, d.n_query, d.query_len}
+                                          : std::vector<int64_t>{0};
+  return {at::empty(tile, options), at::empty(tile, options), at::empty({d.n_ctx, d.ctx_len, d.n_query}, options),
+          at::empty({d.n_ctx, d.n_query, d.query_len}, options), at::empty({d.n_ctx, d.n_query, d.query_len}, options)};
+}
+
+template <typename T>
+Direction<T> direction(const Shape& d, bool transposed, const at::Tensor& raw, const at::Tensor& query_sq,
+                       const at::Tensor& query_mask, const std::vector<at::Tensor>& state) {
+  const bool save = state[0].numel() > 0;
+  return {d, transposed, raw.data_ptr<T>(), query_sq.data_ptr<T>(), query_mask.data_ptr<T>(),
+          save ? state[0].data_ptr<T>() : nullptr, save ? state[1].data_ptr<T>() : nullptr, state[2].data_ptr<T>(),
+          state[3].data_ptr<T>(), state[4].data_ptr<T>()};
+}
+
+// The forward of every context item of one direction, spread over torch's threads.
+template <typename T>
+void forward_all(const Direction<T>& x, const T* gram, const T* ctx_mask, bool clipped, double lambda, T* out) {
+  const Shape& d = x.d;
   const int64_t tile = d.ctx_len * d.row;
-  const bool save = w.numel() > 0;  // without a backward, w and G w live in per-thread scratch tiles
+  const bool save = x.w != nullptr;  // without a backward, w and G w live in per-thread scratch tiles
   at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
-    std::vector<T> scores(tile), scale_row(d.row), scratch(save ? 0 : 2 * tile);
+    std::vector<T> scores(tile), scale_row(d.row), scratch(save ? 0 : 2 * tile), gathered(x.transposed ? tile : 0);
     for (int64_t b = first; b < end; ++b) {
-      T* w_item = save ? w.data_ptr<T>() + b * tile : scratch.data();
-      T* gram_w_item = save ? gram_w.data_ptr<T>() + b * tile : scratch.data() + tile;
-      forward_item<T>(d, raw.data_ptr<T>() + b * tile, gram.data_ptr<T>() + b * d.ctx_len * d.ctx_len,
-                      query_mask.data_ptr<T>(), ctx_mask.data_ptr<T>() + b * d.ctx_len, clipped, T(lambda),
-                      scores.data(), scale_row.data(), scale.data_ptr<T>() + b * d.ctx_len * d.n_query,
-                      w_item, gram_w_item, dot.data_ptr<T>() + b * d.row, att.data_ptr<T>() + b * d.row);
-      mean_cosines<T>(d, dot.data_ptr<T>() + b * d.row, att.data_ptr<T>() + b * d.row, query_sq.data_ptr<T>(),
-                      query_mask.data_ptr<T>(), out.data_ptr<T>() + b * d.n_query);
+      const T* raw_item = x.raw + b * tile;
+      if (x.transposed) {
+        gather_transposed(d.transposed(), x.raw, b, gathered.data());
+        raw_item = gathered.data();
+      }
+      T* w_item = save ? x.w + b * tile : scratch.data();
+      T* gram_w_item = save ? x.gram_w + b * tile : scratch.data() + tile;
+      forward_item<T>(d, raw_item, gram + b * d.ctx_len * d.ctx_len, x.query_mask, ctx_mask + b * d.ctx_len,
+                      clipped, T(lambda), scores.data(), scale_row.data(), x.scale + b * d.ctx_len * d.n_query,
+                      w_item, gram_w_item, x.dot + b * d.row, x.att + b * d.row);
+      mean_cosines<T>(d, x.dot + b * d.row, x.att + b * d.row, x.query_sq, x.query_mask, out + b * d.n_query);
     }
   });
 }
@@ -199,76 +251,148 @@ void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* que
   }
 }
 
+// The backward of every context item of one direction: dL/draw is written into grad_raw (added to it for a
+// transposed direction, whose tiles scatter back into raw's layout), dL/dgram per item, and the per-item parts
+// of dL/dquery_sq (n_ctx, n_query, query_len).
 template <typename T>
-void backward_all(const at::Tensor& grad_out, const at::Tensor& raw, const at::Tensor& query_sq,
-                  const at::Tensor& query_mask, const at::Tensor& w, const at::Tensor& gram_w,
-                  const at::Tensor& scale, const at::Tensor& dot, const at::Tensor& att, bool clipped, double lambda,
-                  at::Tensor& grad_raw, at::Tensor& grad_gram, at::Tensor& grad_query_sq) {
-  const Shape d(raw);
+void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double lambda, T* grad_raw, T* grad_gram,
+                  T* grad_query_sq) {
+  const Shape& d = x.d;
   const int64_t tile = d.ctx_len * d.row;
-  const at::Tensor inv_count = query_mask.sum(-1).reciprocal().contiguous();
+  std::vector<T> inv_count(d.n_query);
+  for (int64_t a = 0; a < d.n_query; ++a) {
+    T count = 0;
+    for (int64_t l = a * d.query_len; l < (a + 1) * d.query_len; ++l) count += x.query_mask[l];
+    inv_count[a] = T(1) / count;
+  }
   at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
     std::vector<T> grad_dot(d.row), grad_att(d.row), weighted_sum(d.row), buffer(d.row);
+    std::vector<T> gathered(x.transposed ? tile : 0), grad_tile(x.transposed ? tile : 0);
     for (int64_t b = first; b < end; ++b) {
-      backward_item<T>(d, grad_out.data_ptr<T>() + b * d.n_query, raw.data_ptr<T>() + b * tile,
-                       query_sq.data_ptr<T>(), query_mask.data_ptr<T>(), inv_count.data_ptr<T>(),
-                       w.data_ptr<T>() + b * tile, gram_w.data_ptr<T>() + b * tile,
-                       scale.data_ptr<T>() + b * d.ctx_len * d.n_query, dot.data_ptr<T>() + b * d.row,
-                       att.data_ptr<T>() + b * d.row, clipped, T(lambda), grad_raw.data_ptr<T>() + b * tile,
-                       grad_gram.data_ptr<T>() + b * d.ctx_len * d.ctx_len, grad_query_sq.data_ptr<T>() + b * d.row,
-                       grad_dot.data(), grad_att.data(), weighted_sum.data(), buffer.data());
+      const T* raw_item = x.raw + b * tile;
+      T* grad_item = grad_raw + b * tile;
+      if (x.transposed) {
+        gather_transposed(d.transposed(), x.raw, b, gathered.data());
+        raw_item = gathered.data();
+        grad_item = grad_tile.data();
+      }
+      backward_item<T>(d, grad_out + b * d.n_query, raw_item, x.query_sq, x.query_mask, inv_count.data(),
+                       x.w + b * tile, x.gram_w + b * tile, x.scale + b * d.ctx_len * d.n_query, x.dot + b * d.row,
+                       x.att + b * d.row, clipped, T(lambda), grad_item, grad_gram + b * d.ctx_len * d.ctx_len,
+                       grad_query_sq + b * d.row, grad_dot.data(), grad_att.data(), weighted_sum.data(),
+                       buffer.data());
+      if (x.transposed) add_transposed(d.transposed(), grad_tile.data(), b, grad_raw);
     }
   });
 }
 
-void check_inputs(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
-                  const at::Tensor& query_mask, const at::Tensor& ctx_mask) {
+void check_raw(const at::Tensor& raw) {
   TORCH_CHECK(raw.dim() == 4 && raw.is_contiguous() && raw.device().is_cpu(), "raw: contiguous (nC, Lc, nQ, Lq) on CPU");
-  const auto dtype = raw.scalar_type();
-  TORCH_CHECK(gram.is_contiguous() && gram.sizes() == at::IntArrayRef({raw.size(0), raw.size(1), raw.size(1)}) &&
+}
+
+// The inputs of one direction of scores of shape d (raw checked by check_raw).
+void check_direction(const Shape& d, at::ScalarType dtype, const at::Tensor& gram, const at::Tensor& query_sq,
+                     const at::Tensor& query_mask, const at::Tensor& ctx_mask) {
+  TORCH_CHECK(gram.is_contiguous() && gram.sizes() == at::IntArrayRef({d.n_ctx, d.ctx_len, d.ctx_len}) &&
               gram.scalar_type() == dtype, "gram: contiguous (nC, Lc, Lc) of raw's dtype");
   for (const auto* t : {&query_sq, &query_mask})
-    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({raw.size(2), raw.size(3)}) &&
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({d.n_query, d.query_len}) &&
                 t->scalar_type() == dtype, "query norms and mask: contiguous (nQ, Lq) of raw's dtype");
-  TORCH_CHECK(ctx_mask.is_contiguous() && ctx_mask.sizes() == at::IntArrayRef({raw.size(0), raw.size(1)}) &&
+  TORCH_CHECK(ctx_mask.is_contiguous() && ctx_mask.sizes() == at::IntArrayRef({d.n_ctx, d.ctx_len}) &&
               ctx_mask.scalar_type() == dtype, "context mask: contiguous (nC, Lc) of raw's dtype");
 }
 
 }  // namespace
 
-// (out (nC, nQ), and what backward needs: w, G w (as raw; empty unless save), scale (nC, Lc, nQ), dot and
-// att (nC, nQ, Lq)).
+// (out (nC, nQ), and the state backward needs: w, G w (empty unless save), scale, dot, att).
 std::vector<at::Tensor> forward(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
                                 const at::Tensor& query_mask, const at::Tensor& ctx_mask, bool clipped,
                                 double lambda, bool save) {
-  check_inputs(raw, gram, query_sq, query_mask, ctx_mask);
-  auto out = at::empty({raw.size(0), raw.size(2)}, raw.options());
-  auto w = save ? at::empty_like(raw) : at::empty({0}, raw.options()), gram_w = at::empty_like(w);
-  auto scale = at::empty({raw.size(0), raw.size(1), raw.size(2)}, raw.options());
-  auto dot = at::empty({raw.size(0), raw.size(2), raw.size(3)}, raw.options()), att = at::empty_like(dot);
+  check_raw(raw);
+  const Shape d(raw);
+  check_direction(d, raw.scalar_type(), gram, query_sq, query_mask, ctx_mask);
+  auto out = at::empty({d.n_ctx, d.n_query}, raw.options());
+  auto state = new_state(d, save, raw.options());
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_forward", [&] {
-    forward_all<scalar_t>(raw, gram, query_sq, query_mask, ctx_mask, clipped, lambda, out, w, gram_w, scale, dot, att);
+    forward_all<scalar_t>(direction<scalar_t>(d, false, raw, query_sq, query_mask, state), gram.data_ptr<scalar_t>(),
+                          ctx_mask.data_ptr<scalar_t>(), clipped, lambda, out.data_ptr<scalar_t>());
   });
-  return {out, w, gram_w, scale, dot, att};
+  state.insert(state.begin(), out);
+  return state;
 }
 
-// (dL/draw, dL/dgram, dL/dquery_sq) from dL/dout and forward's saved tensors.
+// (dL/draw, dL/dgram, dL/dquery_sq) from dL/dout and forward's state.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& raw, const at::Tensor& query_sq,
                                  const at::Tensor& query_mask, const at::Tensor& w, const at::Tensor& gram_w,
                                  const at::Tensor& scale, const at::Tensor& dot, const at::Tensor& att, bool clipped,
                                  double lambda) {
   const at::Tensor grad = grad_out.contiguous();
+  const Shape d(raw);
   auto grad_raw = at::empty_like(raw);
-  auto grad_gram = at::empty({raw.size(0), raw.size(1), raw.size(1)}, raw.options());
-  auto grad_query_sq = at::empty({raw.size(0), raw.size(2), raw.size(3)}, raw.options());
+  auto grad_gram = at::empty({d.n_ctx, d.ctx_len, d.ctx_len}, raw.options());
+  auto grad_query_sq = at::empty({d.n_ctx, d.n_query, d.query_len}, raw.options());
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_backward", [&] {
-    backward_all<scalar_t>(grad, raw, query_sq, query_mask, w, gram_w, scale, dot, att, clipped, lambda, grad_raw,
-                           grad_gram, grad_query_sq);
+    backward_all<scalar_t>(direction<scalar_t>(d, false, raw, query_sq, query_mask, {w, gram_w, scale, dot, att}),
+                           grad.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
+                           grad_gram.data_ptr<scalar_t>(), grad_query_sq.data_ptr<scalar_t>());
   });
   return {grad_raw, grad_gram, grad_query_sq.sum(0)};
+}
+
+// Both directions of paired scores raw (nR, Lr, nC, Lc) in one call: out (nR, nC) = att(Q = col c, C = row r)
+// + att(Q = row r, C = col c), the second direction's tiles gathered from raw instead of a transposed copy;
+// then the state of each direction (as forward's).
+std::vector<at::Tensor> paired_forward(const at::Tensor& raw, const at::Tensor& row_gram, const at::Tensor& col_gram,
+                                       const at::Tensor& row_sq, const at::Tensor& col_sq, const at::Tensor& row_mask,
+                                       const at::Tensor& col_mask, bool clipped, double lambda, bool save) {
+  check_raw(raw);
+  const Shape cols_query(raw), rows_query = cols_query.transposed();
+  check_direction(cols_query, raw.scalar_type(), row_gram, col_sq, col_mask, row_mask);
+  check_direction(rows_query, raw.scalar_type(), col_gram, row_sq, row_mask, col_mask);
+  auto out = at::empty({cols_query.n_ctx, cols_query.n_query}, raw.options());
+  auto rows_out = at::empty({rows_query.n_ctx, rows_query.n_query}, raw.options());
+  auto first = new_state(cols_query, save, raw.options()), second = new_state(rows_query, save, raw.options());
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_paired_forward", [&] {
+    forward_all<scalar_t>(direction<scalar_t>(cols_query, false, raw, col_sq, col_mask, first),
+                          row_gram.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>(), clipped, lambda,
+                          out.data_ptr<scalar_t>());
+    forward_all<scalar_t>(direction<scalar_t>(rows_query, true, raw, row_sq, row_mask, second),
+                          col_gram.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(), clipped, lambda,
+                          rows_out.data_ptr<scalar_t>());
+  });
+  out.add_(rows_out.t());
+  std::vector<at::Tensor> result{out};
+  result.insert(result.end(), first.begin(), first.end());
+  result.insert(result.end(), second.begin(), second.end());
+  return result;
+}
+
+// (dL/draw, dL/drow_gram, dL/dcol_gram, dL/drow_sq, dL/dcol_sq) from dL/dout and paired_forward's states.
+std::vector<at::Tensor> paired_backward(const at::Tensor& grad_out, const at::Tensor& raw, const at::Tensor& row_sq,
+                                        const at::Tensor& col_sq, const at::Tensor& row_mask,
+                                        const at::Tensor& col_mask, const std::vector<at::Tensor>& first,
+                                        const std::vector<at::Tensor>& second, bool clipped, double lambda) {
+  const at::Tensor grad = grad_out.contiguous(), grad_t = grad_out.t().contiguous();
+  const Shape cols_query(raw), rows_query = cols_query.transposed();
+  auto grad_raw = at::empty_like(raw);
+  auto grad_row_gram = at::empty({cols_query.n_ctx, cols_query.ctx_len, cols_query.ctx_len}, raw.options());
+  auto grad_col_gram = at::empty({rows_query.n_ctx, rows_query.ctx_len, rows_query.ctx_len}, raw.options());
+  auto grad_col_sq = at::empty({cols_query.n_ctx, cols_query.n_query, cols_query.query_len}, raw.options());
+  auto grad_row_sq = at::empty({rows_query.n_ctx, rows_query.n_query, rows_query.query_len}, raw.options());
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_paired_backward", [&] {
+    backward_all<scalar_t>(direction<scalar_t>(cols_query, false, raw, col_sq, col_mask, first),
+                           grad.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
+                           grad_row_gram.data_ptr<scalar_t>(), grad_col_sq.data_ptr<scalar_t>());
+    backward_all<scalar_t>(direction<scalar_t>(rows_query, true, raw, row_sq, row_mask, second),
+                           grad_t.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
+                           grad_col_gram.data_ptr<scalar_t>(), grad_row_sq.data_ptr<scalar_t>());
+  });
+  return {grad_raw, grad_row_gram, grad_col_gram, grad_row_sq.sum(0), grad_col_sq.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused L2-norm cross-attention, all (context, query) pairs");
   m.def("backward", &backward, "its gradients with respect to raw, gram and the query norms");
+  m.def("paired_forward", &paired_forward, "both directions of paired scores in one call");
+  m.def("paired_backward", &paired_backward, "their gradients");
 }

@@ -23,6 +23,31 @@ def values_and_grads(function, context: Fragments, query: Fragments, clipped: bo
     return [out, *torch.autograd.grad((out * projection).sum(), [raw, gram, sq_norms])]
 
 
+def kernel_both_ways(paired: bool, rows: Fragments, cols: Fragments, clipped: bool) -> list[torch.Tensor]:
+    """The kernel's att(Q = col, C = row) + att(Q = row, C = col) and the gradients of the raw scores, both Grams
+    and both norms for a fixed projection: from one paired call, or from two single-direction calls on the raw
+    scores and their transposed copy."""
+    kernel, raw = attention_kernel.load(), _raw_scores(rows.vectors, cols.vectors)
+    row_weight, col_weight = rows.mask.to(raw.dtype), cols.mask.to(raw.dtype)
+    if paired:
+        out, *state = kernel.paired_forward(raw, rows.gram, cols.gram, rows.sq_norms, cols.sq_norms, row_weight,
+                                            col_weight, clipped, 9.0, True)
+        projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+        return [out, *kernel.paired_backward(projection, raw, rows.sq_norms, cols.sq_norms, row_weight, col_weight,
+                                             state[:5], state[5:], clipped, 9.0)]
+    transposed = raw.permute(2, 3, 0, 1).contiguous()
+    first, *first_state = kernel.forward(raw, rows.gram, cols.sq_norms, col_weight, row_weight, clipped, 9.0, True)
+    second, *second_state = kernel.forward(transposed, cols.gram, rows.sq_norms, row_weight, col_weight, clipped, 9.0,
+                                           True)
+    out = first + second.T
+    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    grad_raw, grad_row_gram, grad_col_sq = kernel.backward(projection, raw, cols.sq_norms, col_weight, *first_state,
+                                                           clipped, 9.0)
+    grad_transposed, grad_col_gram, grad_row_sq = kernel.backward(projection.T, transposed, rows.sq_norms, row_weight,
+                                                                  *second_state, clipped, 9.0)
+    return [out, grad_raw + grad_transposed.permute(2, 3, 0, 1), grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq]
+
+
 def test_the_kernel_builds_on_this_machine() -> None:
     assert attention_kernel.load() is not None
 
@@ -39,6 +64,21 @@ def test_kernel_equals_the_tensor_op_form(context_lengths, query_lengths, clippe
     for name, a, b in zip(["value", "d raw", "d gram", "d query norms"], fused, plain):
         assert a.shape == b.shape, name
         assert (a - b).abs().max().item() < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("clipped", [True, False])
+@pytest.mark.parametrize("row_lengths, col_lengths", [([9, 9, 9], [3, 7, 5, 7]), ([4, 7, 2], [1, 6, 2, 6, 6])])
+def test_both_directions_in_one_call_give_the_bits_of_two_calls(row_lengths, col_lengths, clipped, dtype) -> None:
+    rows, cols = padded_fragments(row_lengths, seed=10), padded_fragments(col_lengths, seed=11)
+    rows, cols = (Fragments(f.vectors.to(dtype), f.mask, f.gram.to(dtype), f.sq_norms.to(dtype)) for f in (rows, cols))
+    paired, separate = kernel_both_ways(True, rows, cols, clipped), kernel_both_ways(False, rows, cols, clipped)
+    for name, a, b in zip(["value", "d raw", "d row gram", "d col gram", "d row norms", "d col norms"], paired, separate):
+        assert a.dtype == dtype and torch.equal(a, b), name
+    raw = _raw_scores(rows.vectors, cols.vectors)  # without a backward no tiles are kept, the values are the same
+    out, *state = attention_kernel.load().paired_forward(raw, rows.gram, cols.gram, rows.sq_norms, cols.sq_norms,
+                                                         rows.mask.to(dtype), cols.mask.to(dtype), clipped, 9.0, False)
+    assert state[0].numel() == 0 and state[5].numel() == 0 and torch.equal(out, paired[0])
 
 
 def test_float32_inputs_give_float32_results_close_to_float64() -> None:
@@ -108,8 +148,23 @@ def test_context_items_spread_over_threads_give_the_same_bits() -> None:
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(values_and_grads(_FusedL2Attention, context, query, True))
+            results.append(values_and_grads(_FusedL2Attention, context, query, True)
+                           + kernel_both_ways(True, context, query, True))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_paired_attention_runs_both_directions_in_the_paired_kernel(monkeypatch) -> None:
+    calls = []
+    apply = model_local._FusedPairedAttention.apply
+    monkeypatch.setattr(model_local._FusedPairedAttention, "apply", lambda *args: calls.append(args) or apply(*args))
+    blocks, words = padded_fragments([9, 9, 9], seed=12), padded_fragments([3, 7, 5, 7], seed=13)
+    fused = model_local.paired_attention(blocks.vectors, torch.tensor([9, 9, 9]), words.vectors,
+                                         torch.tensor([3, 7, 5, 7]))
+    assert len(calls) == 1  # one group of four captions, one slice
+    monkeypatch.setattr(model_local, "_kernel_serves", lambda device: False)
+    plain = model_local.paired_attention(blocks.vectors, torch.tensor([9, 9, 9]), words.vectors,
+                                         torch.tensor([3, 7, 5, 7]))
+    assert len(calls) == 1 and (fused - plain).abs().max().item() < 1e-12

@@ -52,7 +52,7 @@ DIRECTIONS = {  # name -> (query, context): t2i queries words over blocks, c2b C
 def attention_path(request, monkeypatch) -> str:
     """Both forms of the L2-norm attention: the fused CPU kernel and the tensor-op form without it."""
     if request.param == "tensor ops":
-        monkeypatch.setattr(model_local, "_fused_kernel_applies", lambda raw, query: False)
+        monkeypatch.setattr(model_local, "_kernel_serves", lambda device: False)
     return request.param
 
 
