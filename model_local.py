@@ -337,7 +337,8 @@ def _fused_pairs(rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tens
 
 
 def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
-    """paired_attention of prepared fragments by tensor ops (and _attend's kernel per direction), in slices of rows."""
+    """paired_attention of prepared fragments by tensor ops (other devices, no compiler, or the softmax and
+    no_norm score norms), in slices of rows."""
     step = _slice_size(rows, cols)
     cols_as_query, rows_as_query = [], []
     for r in range(0, len(rows), step):
