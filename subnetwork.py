@@ -77,8 +77,9 @@ class TwoBranchModel(nn.Module):
 
     def loss_terms(self, sims: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted loss terms (scalars) of the similarities of one batch; "loss" is their sum (section 5)."""
-        terms = {name: weight * pair_loss(sims[name], labels, self.opt)
-                 for name, weight in self.loss_weights().items()}
+        weights = self.loss_weights()
+        losses = pair_loss(torch.stack([sims[name] for name in weights]), labels, self.opt)  # one pass for all
+        terms = {name: weight * loss for (name, weight), loss in zip(weights.items(), losses)}
         terms["loss"] = sum(terms.values())
         return terms
 

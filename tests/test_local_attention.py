@@ -101,11 +101,15 @@ def test_slicing_does_not_change_values_or_grads(slice_elements: int, monkeypatc
         assert_close(sliced_grad, whole_grad, 1e-12)
 
 
+@pytest.mark.parametrize("longest_first", [False, True])  # True: sorted as data.collate sorts a batch
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 @pytest.mark.parametrize("column_group", [1, 2, 3])
-def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, monkeypatch,
-                                                            attention_path: str) -> None:
+def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, longest_first: bool,
+                                                            monkeypatch, attention_path: str) -> None:
     (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
+    if longest_first:
+        order = torch.argsort(word_lengths, descending=True, stable=True)
+        words_, word_lengths = words_[order], word_lengths[order]
     monkeypatch.setattr(model_local, "COLUMN_GROUP", column_group)
     grouped, grouped_grads = values_and_grads(
         lambda w, i: paired_attention(i, image_lengths, w, word_lengths, norm), [words_, images])

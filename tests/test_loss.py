@@ -171,3 +171,21 @@ def test_float32_finite_and_differentiable():
     loss.backward()
     assert sims32.grad is not None and torch.isfinite(sims32.grad).all() and sims32.grad.abs().sum() > 0
     assert abs(loss.item() - msb_loss_reference(sims64, labels).item()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["msb", "triplet"])
+def test_a_stack_of_matrices_gives_each_matrix_its_own_loss(name: str) -> None:
+    from loss import pair_loss
+    opt = {"loss": name, "gamma_1": 1.0, "gamma_2": 0.5, "Delta": 0.1, "margin": 0.2}
+    g = torch.Generator().manual_seed(9)
+    labels = torch.randint(0, 4, (12,), generator=g)
+    stack = (torch.rand(3, 12, 12, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    weights = torch.tensor([1.0, 0.4, 0.7], dtype=torch.float64)
+    stacked = pair_loss(stack, labels, opt)
+    (stacked_grad,) = torch.autograd.grad((weights * stacked).sum(), stack)
+    assert stacked.shape == (3,)
+    for i in range(3):
+        one, one_grad = loss_and_grad(lambda s, l: weights[i] * pair_loss(s, l, opt), stack[i].detach().requires_grad_(),
+                                      labels)
+        assert abs(weights[i] * stacked[i].item() - one.item()) < 1e-12 and one.item() != 0
+        assert (stacked_grad[i] - one_grad).abs().max().item() < 1e-12
