@@ -188,7 +188,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
     def nan_in_second_epoch(sims, *args):
         calls["n"] += 1
         value = real_loss(sims, *args)
-        return value * float("nan") if calls["n"] > 3 * 4 + 3 else value  # 4 batches x 3 terms per epoch
+        return value * float("nan") if calls["n"] > 4 + 1 else value  # 4 batches per epoch, 3 terms in one call
     monkeypatch.setattr(loss, "msb_loss", nan_in_second_epoch)
     with pytest.raises(TrainingError, match="epoch 2, batch 2"):
         train(tiny_data, tmp_path, "--num_epochs", "3")
