@@ -41,6 +41,11 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return positions[None, :] < lengths[:, None]
 
 
+def gram_matrices(vectors: torch.Tensor) -> torch.Tensor:
+    """Gram matrices X X^T (n, L, L) of fragment sets (n, L, d)."""
+    return torch.bmm(vectors, vectors.transpose(1, 2))
+
+
 def trimmed(fragments: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded fragments (n, L, d) trimmed to the longest true length with the padding zeroed, and their mask."""
     lengths = lengths.to(fragments.device)
@@ -61,7 +66,7 @@ class Fragments:
     def of(cls, fragments: torch.Tensor, lengths: torch.Tensor) -> Fragments:
         """Trim to the longest true length and zero the padding, so padding scores exactly 0."""
         vectors, mask = trimmed(fragments, lengths)
-        return cls(vectors, mask, torch.bmm(vectors, vectors.transpose(1, 2)), vectors.pow(2).sum(-1))
+        return cls(vectors, mask, gram_matrices(vectors), vectors.pow(2).sum(-1))
 
     def select(self, items: torch.Tensor) -> Fragments:
         """What attention reads of some items (masks, Gram, norms); their vectors are not copied."""
@@ -75,9 +80,9 @@ class Fragments:
         return self.vectors.size(0)
 
 
-def _slice_size(context: Fragments, query: Fragments) -> int:
+def _slice_size(context_mask: torch.Tensor, query_mask: torch.Tensor) -> int:
     """Context items per slice so the (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
-    per_item = context.mask.size(1) * query.mask.numel()
+    per_item = context_mask.size(1) * query_mask.numel()
     return max(1, SLICE_ELEMENTS // per_item)
 
 
@@ -250,15 +255,13 @@ class _FusedPairedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, row_mask, col_mask, clipped: bool, lambda_softmax: float):
-        (n_rows, row_len, dim), (n_cols, col_len, _) = rows.shape, cols.shape
-        flat_rows, flat_cols = rows.reshape(-1, dim), cols.reshape(-1, dim)
-        raw = (flat_rows @ flat_cols.T).view(n_rows, row_len, n_cols, col_len)
+        raw = _raw_scores(rows, cols)
         row_sq, col_sq = rows.pow(2).sum(-1), cols.pow(2).sum(-1)
         row_weight, col_weight = row_mask.to(rows.dtype), col_mask.to(rows.dtype)
         backward_needs = any(ctx.needs_input_grad)
-        out, *state = attention_kernel.load().paired_forward(
-            raw, torch.bmm(rows, rows.transpose(1, 2)), torch.bmm(cols, cols.transpose(1, 2)), row_sq, col_sq,
-            row_weight, col_weight, clipped, lambda_softmax, backward_needs)
+        out, *state = attention_kernel.load().paired_forward(raw, gram_matrices(rows), gram_matrices(cols), row_sq,
+                                                             col_sq, row_weight, col_weight, clipped, lambda_softmax,
+                                                             backward_needs)
         if backward_needs:
             ctx.save_for_backward(rows, cols, raw, row_sq, col_sq, row_weight, col_weight, *state)
         ctx.clipped, ctx.lambda_softmax = clipped, lambda_softmax
@@ -289,7 +292,7 @@ def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: t
     query (nQ, Lq, d) and context (nC, Lc, d) are padded; lengths are (n,) integer tensors.
     """
     query, context = Fragments.of(query, query_lengths), Fragments.of(context, context_lengths)
-    step = _slice_size(context, query)
+    step = _slice_size(context.mask, query.mask)
     per_context = [
         _attend(_raw_scores(context.vectors[b:b + step], query.vectors), context[b:b + step], query,
                 raw_feature_norm, lambda_softmax)
@@ -319,12 +322,14 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     col_lengths = col_lengths.to(cols.device)
     if bool((col_lengths == col_lengths[0]).all()):
         return group_scores(cols, col_lengths)
-    # Columns of similar length together: each group is trimmed to its longest, so little padding is scored.
-    if bool((col_lengths[1:] <= col_lengths[:-1]).all()):  # training batches come longest first (data.collate)
+    # Columns of similar length together, longest first: each group is trimmed to its longest, so little
+    # padding is scored. Training batches already come in this order (data.collate): slices, no gathers.
+    by_length = torch.argsort(col_lengths, descending=True, stable=True)
+    if bool((by_length == torch.arange(len(by_length), device=by_length.device)).all()):
         return torch.cat([group_scores(cols[g:g + COLUMN_GROUP], col_lengths[g:g + COLUMN_GROUP])
                           for g in range(0, len(cols), COLUMN_GROUP)], dim=1)
-    by_length = torch.argsort(col_lengths, stable=True)
-    groups = [group_scores(cols.index_select(0, g), col_lengths.index_select(0, g)) for g in by_length.split(COLUMN_GROUP)]
+    groups = [group_scores(cols.index_select(0, g), col_lengths.index_select(0, g))
+              for g in by_length.split(COLUMN_GROUP)]
     return torch.cat(groups, dim=1).index_select(1, torch.argsort(by_length))
 
 
@@ -332,7 +337,7 @@ def _fused_pairs(rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tens
                  lambda_softmax: float) -> torch.Tensor:
     """paired_attention of trimmed (vectors, mask) by the fused kernel, in slices of rows (as _paired_fragments)."""
     (row_vectors, row_mask), (col_vectors, col_mask) = rows, cols
-    step = max(1, SLICE_ELEMENTS // (row_vectors.size(1) * col_mask.numel()))
+    step = _slice_size(row_mask, col_mask)
     if step >= len(row_vectors):  # one slice: no slicing ops for autograd to undo
         return _FusedPairedAttention.apply(row_vectors, col_vectors, row_mask, col_mask, clipped, lambda_softmax)
     return torch.cat([_FusedPairedAttention.apply(row_vectors[r:r + step], col_vectors, row_mask[r:r + step], col_mask,
@@ -342,7 +347,7 @@ def _fused_pairs(rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tens
 def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
     """paired_attention of prepared fragments by tensor ops (other devices, no compiler, or the softmax and
     no_norm score norms), in slices of rows."""
-    step = _slice_size(rows, cols)
+    step = _slice_size(rows.mask, cols.mask)
     cols_as_query, rows_as_query = [], []
     for r in range(0, len(rows), step):
         raw = _raw_scores(rows.vectors[r:r + step], cols.vectors)  # (step, Lr, nC, Lc)

@@ -30,7 +30,6 @@ from torch import nn
 
 import trainer
 from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
-from loss import msb_loss
 from metrics import retrieval_metrics
 from model_factory import build_model
 from runtime import allocator
@@ -111,7 +110,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, clo
             with clock.part("similarity S_P" if name == "P" else "auxiliary S_A1, S_A2"):
                 sims[name] = model.similarity(name, encoded)
         with clock.part("MSB loss (3 terms)"):
-            loss = sum(weight * msb_loss(sims[name], labels) for name, weight in model.loss_weights().items())
+            loss = model.loss_terms(sims, labels)["loss"]
     optimizer.zero_grad(set_to_none=True)
     with clock.part("backward: similarities + loss"):
         grads = torch.autograd.grad(loss, outputs)

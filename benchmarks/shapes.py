@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data import NUM_BLOCKS, PrecompDataset, collate
+from options import parse_options
 from vocab import SPECIAL_TOKENS, Vocabulary, save_vocab, vocab_file
 
 
@@ -40,11 +41,9 @@ class Shape:
         return -(-self.train_images * self.captions_per_image // self.batch_size)
 
     def opt(self, kind: str) -> dict:
-        """Model options of this setting (the paper's loss weights and attention settings)."""
-        weights = {"alpha_1": 0.8, "alpha_2": 0.8} if kind == "global" else {"beta_1": 0.4, "beta_2": 0.4}
-        return {"cnn_dim": self.cnn_dim, "bovw_dim": self.bovw_dim, "embed_size": self.embed_size,
-                "word_dim": self.word_dim, "num_layers": 1, "bi_gru": True, "text_pooling": "padded_mean",
-                "raw_feature_norm": "clipped_l2norm", "lambda_softmax": 9.0, **weights}
+        """The training scripts' options at this setting's sizes (defaults otherwise: the paper's loss weights
+        and attention settings)."""
+        return parse_options(kind, self.flags())
 
     def flags(self) -> list[str]:
         """The training-script flags of this setting."""

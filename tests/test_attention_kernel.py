@@ -73,7 +73,8 @@ def test_both_directions_in_one_call_give_the_bits_of_two_calls(row_lengths, col
     rows, cols = padded_fragments(row_lengths, seed=10), padded_fragments(col_lengths, seed=11)
     rows, cols = (Fragments(f.vectors.to(dtype), f.mask, f.gram.to(dtype), f.sq_norms.to(dtype)) for f in (rows, cols))
     paired, separate = kernel_both_ways(True, rows, cols, clipped), kernel_both_ways(False, rows, cols, clipped)
-    for name, a, b in zip(["value", "d raw", "d row gram", "d col gram", "d row norms", "d col norms"], paired, separate):
+    names = ["value", "d raw", "d row gram", "d col gram", "d row norms", "d col norms"]
+    for name, a, b in zip(names, paired, separate):
         assert a.dtype == dtype and torch.equal(a, b), name
     raw = _raw_scores(rows.vectors, cols.vectors)  # without a backward no tiles are kept, the values are the same
     out, *state = attention_kernel.load().paired_forward(raw, rows.gram, cols.gram, rows.sq_norms, cols.sq_norms,

@@ -41,44 +41,43 @@ def cuda_runs(tiny_data, tmp_path_factory) -> dict[str, str]:
     return runs
 
 
-def evaluate_on(device: str, runs: dict[str, str], tiny_data: dict, out_dir) -> tuple[dict, dict]:
-    """evaluate.py's fused table and similarity matrices of the CUDA-trained checkpoints on one device."""
+def evaluate_on(device: str, runs: dict[str, str], tiny_data: dict, out_dir, *extra: str) -> dict:
+    """evaluate.py's table of the CUDA-trained checkpoints on one device; extra: more evaluate.py flags."""
+    out_dir.mkdir()
     result = run_script("evaluate.py", "--global_ckpt", runs["global"], "--local_ckpt", runs["local"],
                         "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
-                        "--tune_fusion", "--device", device, "--output", str(out_dir / "table.json"),
-                        "--save_sims", str(out_dir / "sims"))
+                        "--device", device, "--output", str(out_dir / "table.json"), *extra)
     assert result.returncode == 0, result.stderr
-    sims = {k: np.load(out_dir / "sims" / f"{k}_test_sims.npy") for k in ("global", "local", "fused")}
-    return json.loads((out_dir / "table.json").read_text()), sims
+    return json.loads((out_dir / "table.json").read_text())
+
+
+def assert_tables_alike(table: dict, other: dict) -> None:
+    for row, metrics in other["rows"].items():  # on 20 items a float32 near-tie can swap two ranks (0.07 seen)
+        for direction in ("i2t", "t2i"):
+            assert abs(table["rows"][row][direction]["mAP"] - metrics[direction]["mAP"]) < 0.5, row
 
 
 def test_cuda_checkpoints_evaluate_alike_on_cuda_and_cpu(cuda_runs, tiny_data, tmp_path) -> None:
     for path in cuda_runs.values():  # plain tensors on the CPU, whatever device trained them
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert all(not t.is_cuda for t in ckpt["model"].values())
-    (tmp_path / "cuda").mkdir(), (tmp_path / "cpu").mkdir()
-    cuda_table, cuda_sims = evaluate_on("cuda", cuda_runs, tiny_data, tmp_path / "cuda")
-    cpu_table, cpu_sims = evaluate_on("cpu", cuda_runs, tiny_data, tmp_path / "cpu")
-    for name in cuda_sims:
-        assert np.abs(cuda_sims[name] - cpu_sims[name]).max() < 1e-4, name
-    assert cuda_table["fusion_weight"] == cpu_table["fusion_weight"]
-    for row in ("global", "local", "fused"):  # on 20 items a float32 near-tie can swap two ranks (0.07 seen)
-        for direction in ("i2t", "t2i"):
-            assert abs(cuda_table["rows"][row][direction]["mAP"] - cpu_table["rows"][row][direction]["mAP"]) < 0.5
+    tables, sims = {}, {}
+    for device in ("cuda", "cpu"):
+        tables[device] = evaluate_on(device, cuda_runs, tiny_data, tmp_path / device, "--tune_fusion",
+                                     "--save_sims", str(tmp_path / device / "sims"))
+        sims[device] = {k: np.load(tmp_path / device / "sims" / f"{k}_test_sims.npy")
+                        for k in ("global", "local", "fused")}
+    for name in sims["cuda"]:
+        assert np.abs(sims["cuda"][name] - sims["cpu"][name]).max() < 1e-4, name
+    assert tables["cuda"]["fusion_weight"] == tables["cpu"]["fusion_weight"]
+    assert set(tables["cuda"]["rows"]) == {"global", "local", "fused"}
+    assert_tables_alike(tables["cuda"], tables["cpu"])
 
 
 def test_shortlist_evaluation_on_cuda_equals_cpu(cuda_runs, tiny_data, tmp_path) -> None:
-    tables = {}
-    for device in ("cuda", "cpu"):
-        out = tmp_path / f"{device}.json"
-        result = run_script("evaluate.py", "--global_ckpt", cuda_runs["global"], "--local_ckpt", cuda_runs["local"],
-                            "--global_data_path", tiny_data["coarse"], "--local_data_path", tiny_data["fine"],
-                            "--shortlist", "10", "--device", device, "--output", str(out))
-        assert result.returncode == 0, result.stderr
-        tables[device] = json.loads(out.read_text())
-    for row, metrics in tables["cpu"]["rows"].items():
-        for direction in ("i2t", "t2i"):
-            assert abs(tables["cuda"]["rows"][row][direction]["mAP"] - metrics[direction]["mAP"]) < 0.5, row
+    tables = {device: evaluate_on(device, cuda_runs, tiny_data, tmp_path / device, "--shortlist", "10")
+              for device in ("cuda", "cpu")}
+    assert_tables_alike(tables["cuda"], tables["cpu"])
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -185,7 +185,7 @@ def test_a_stack_of_matrices_gives_each_matrix_its_own_loss(name: str) -> None:
     (stacked_grad,) = torch.autograd.grad((weights * stacked).sum(), stack)
     assert stacked.shape == (3,)
     for i in range(3):
-        one, one_grad = loss_and_grad(lambda s, l: weights[i] * pair_loss(s, l, opt), stack[i].detach().requires_grad_(),
-                                      labels)
+        one, one_grad = loss_and_grad(lambda s, l: weights[i] * pair_loss(s, l, opt),
+                                      stack[i].detach().requires_grad_(), labels)
         assert abs(weights[i] * stacked[i].item() - one.item()) < 1e-12 and one.item() != 0
         assert (stacked_grad[i] - one_grad).abs().max().item() < 1e-12
