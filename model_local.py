@@ -49,8 +49,11 @@ def gram_matrices(vectors: torch.Tensor) -> torch.Tensor:
 def trimmed(fragments: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded fragments (n, L, d) trimmed to the longest true length with the padding zeroed, and their mask."""
     lengths = lengths.to(fragments.device)
-    mask = length_mask(lengths, int(lengths.max()))
-    return fragments[:, :mask.size(1)] * mask[..., None].to(fragments.dtype), mask
+    shortest, longest = (int(value) for value in torch.aminmax(lengths))
+    mask = length_mask(lengths, longest)
+    if shortest == fragments.size(1):  # nothing to trim or zero (image blocks)
+        return fragments, mask
+    return fragments[:, :longest] * mask[..., None].to(fragments.dtype), mask
 
 
 @dataclass
@@ -246,42 +249,139 @@ class _FusedL2Attention(torch.autograd.Function):
         return grad_raw, grad_gram, grad_sq_norms, None, None, None, None
 
 
+@dataclass
+class ColumnGroups:
+    """Columns (captions) of similar length scored together, each group trimmed to its longest member.
+
+    Training batches come longest first (data.collate), so their groups are contiguous slices; other orders
+    (evaluation) are grouped shortest first through a stable argsort (grouping them longest first changed the
+    last bit of some scores, which broke exact ties between duplicate captions, tests/test_captions_per_image.py).
+    """
+
+    order: torch.Tensor | None  # the columns in group order; None when they already come in it
+    bounds: list[tuple[int, int, int]]  # (first, end, length) of each group, positions in group order
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor) -> ColumnGroups:
+        """Groups of COLUMN_GROUP columns, or one group when all lengths are equal."""
+        values = lengths.tolist()
+        if all(value == values[0] for value in values):
+            return cls(None, [(0, len(values), values[0])])
+        order = None
+        if any(later > earlier for earlier, later in zip(values, values[1:])):
+            order = torch.argsort(lengths, stable=True)
+            values = [values[i] for i in order.tolist()]
+        bounds = [(first, min(first + COLUMN_GROUP, len(values))) for first in range(0, len(values), COLUMN_GROUP)]
+        return cls(order, [(first, end, max(values[first:end])) for first, end in bounds])
+
+    def members(self, first: int, end: int) -> slice | torch.Tensor:
+        """Indices of the columns at group positions first..end."""
+        return slice(first, end) if self.order is None else self.order[first:end]
+
+    def packing(self, lengths: torch.Tensor, padded_len: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows of the flat (n * padded_len, d) columns that pack each group's trimmed vectors side by side
+        (None: the flat columns themselves), and the packed positions' weights (1 true, 0 padding)."""
+        if int(lengths.min()) == padded_len:  # every column full length: one group, nothing to trim
+            return None, torch.ones(len(lengths) * padded_len, dtype=torch.bool, device=lengths.device)
+        index, weight = [], []
+        for first, end, length in self.bounds:
+            members = torch.arange(len(lengths), device=lengths.device)[self.members(first, end)]
+            positions = torch.arange(length, device=lengths.device)
+            index.append((members[:, None] * padded_len + positions).reshape(-1))
+            weight.append((positions < lengths[members][:, None]).reshape(-1))
+        return torch.cat(index), torch.cat(weight)
+
+
 class _FusedPairedAttention(torch.autograd.Function):
-    """att(Q = col, C = row) + att(Q = row, C = col) of all (row, col) pairs of trimmed fragment vectors, both
-    directions in one fused kernel call (csrc/l2_attention.cpp, the second direction's tiles read from the
-    first's raw scores): the same formula as _paired_fragments with an L2 score norm. The raw scores, Gram
-    matrices and squared norms and their gradients are computed here, a few tensor ops where autograd would
-    record a graph of them."""
+    """paired_attention with an L2 score norm on a CPU: att(Q = col, C = row) + att(Q = row, C = col) of all
+    (row, col) pairs, both directions of each caption group in one fused kernel call (csrc/l2_attention.cpp, the
+    second direction's tiles read from the first's raw scores), the same formula as _paired_fragments.
+
+    One Function for all caption groups and slices of rows: the groups' columns are packed side by side
+    (trimmed, padding zeroed), and the raw scores, Gram matrices, squared norms and all their gradients are a
+    few tensor ops per group here, where autograd would record a graph of them; the rows' Gram matrices, norms
+    and gradients are computed once for all groups.
+    """
 
     @staticmethod
-    def forward(ctx, rows, cols, row_mask, col_mask, clipped: bool, lambda_softmax: float):
-        raw = _raw_scores(rows, cols)
-        row_sq, col_sq = rows.pow(2).sum(-1), cols.pow(2).sum(-1)
-        row_weight, col_weight = row_mask.to(rows.dtype), col_mask.to(rows.dtype)
+    def forward(ctx, rows, cols, row_mask, col_lengths, groups: ColumnGroups, clipped: bool, lambda_softmax: float):
+        index, packed_weight = groups.packing(col_lengths, cols.size(1))
+        flat_cols, packed_weight = cols.reshape(-1, cols.size(-1)), packed_weight.to(rows.dtype)
+        packed = flat_cols if index is None else flat_cols.index_select(0, index).mul_(packed_weight[:, None])
+        row_sq, packed_sq = rows.pow(2).sum(-1), packed.pow(2).sum(-1)
+        row_gram, row_weight = gram_matrices(rows), row_mask.to(rows.dtype)
         backward_needs = any(ctx.needs_input_grad)
-        out, *state = attention_kernel.load().paired_forward(raw, gram_matrices(rows), gram_matrices(cols), row_sq,
-                                                             col_sq, row_weight, col_weight, clipped, lambda_softmax,
-                                                             backward_needs)
+        kernel, saved, group_outs = attention_kernel.load(), [], []
+        for _, _, col_vectors, col_sq, col_weight in _group_views(groups, packed, packed_sq, packed_weight):
+            col_gram, slice_outs = gram_matrices(col_vectors), []
+            for r in _row_slices(row_weight, col_weight):
+                raw = _raw_scores(rows[r], col_vectors)
+                out, *state = kernel.paired_forward(raw, row_gram[r], col_gram, row_sq[r], col_sq, row_weight[r],
+                                                    col_weight, clipped, lambda_softmax, backward_needs)
+                slice_outs.append(out)
+                saved += [raw, *state] if backward_needs else []
+            group_outs.append(torch.cat(slice_outs))
+        out = torch.cat(group_outs, dim=1)
         if backward_needs:
-            ctx.save_for_backward(rows, cols, raw, row_sq, col_sq, row_weight, col_weight, *state)
-        ctx.clipped, ctx.lambda_softmax = clipped, lambda_softmax
-        return out
+            ctx.save_for_backward(rows, packed, row_sq, packed_sq, row_weight, packed_weight, index, *saved)
+            ctx.groups, ctx.col_shape, ctx.clipped, ctx.lambda_softmax = groups, cols.shape, clipped, lambda_softmax
+        return out if groups.order is None else out.index_select(1, torch.argsort(groups.order))
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, cols, raw, row_sq, col_sq, row_weight, col_weight, *state = ctx.saved_tensors
-        grad_raw, grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq = attention_kernel.load().paired_backward(
-            grad_out, raw, row_sq, col_sq, row_weight, col_weight, state[:5], state[5:], ctx.clipped,
-            ctx.lambda_softmax)
-        flat_grad = grad_raw.view(rows.size(0) * rows.size(1), -1)
-        grads = []
-        for vectors, other, flat_part, grad_gram, grad_sq in ((rows, cols, flat_grad, grad_row_gram, grad_row_sq),
-                                                              (cols, rows, flat_grad.T, grad_col_gram, grad_col_sq)):
-            # raw = R C^T, G = X X^T, |x|^2: d/dX = grad_raw C (or its transpose R), (dG + dG^T) X, 2 d|x|^2 x
-            grad = (flat_part @ other.reshape(-1, other.size(-1))).view_as(vectors)
-            grad = grad.baddbmm_(grad_gram + grad_gram.transpose(1, 2), vectors)
-            grads.append(grad.addcmul_(grad_sq[..., None], vectors, value=2))
-        return (*grads, None, None, None, None)
+        rows, packed, row_sq, packed_sq, row_weight, packed_weight, index, *saved = ctx.saved_tensors
+        groups, kernel, dim = ctx.groups, attention_kernel.load(), rows.size(-1)
+        grad_out = grad_out if groups.order is None else grad_out.index_select(1, groups.order)
+        grad_rows, grad_packed = torch.zeros_like(rows), torch.zeros_like(packed)
+        grad_row_gram, grad_row_sq = rows.new_zeros(rows.size(0), rows.size(1), rows.size(1)), torch.zeros_like(row_sq)
+        per_call = iter([saved[i:i + 11] for i in range(0, len(saved), 11)])  # raw and the kernel's 10 states
+        for (first, end), span, col_vectors, col_sq, col_weight in _group_views(groups, packed, packed_sq,
+                                                                              packed_weight):
+            grad_cols = grad_packed[span].view_as(col_vectors)
+            grad_col_gram, grad_col_sq = rows.new_zeros(col_sq.shape + col_sq.shape[-1:]), torch.zeros_like(col_sq)
+            for r in _row_slices(row_weight, col_weight):
+                raw, *state = next(per_call)
+                grad_raw, d_row_gram, d_col_gram, d_row_sq, d_col_sq = kernel.paired_backward(
+                    grad_out[r, first:end], raw, row_sq[r], col_sq, row_weight[r], col_weight, state[:5], state[5:],
+                    ctx.clipped, ctx.lambda_softmax)
+                # raw = R C^T: d/dR = grad_raw C, d/dC = grad_raw^T R
+                flat = grad_raw.view(-1, col_sq.numel())
+                grad_rows[r].view(-1, dim).addmm_(flat, col_vectors.view(-1, dim))
+                grad_cols.view(-1, dim).addmm_(flat.T, rows[r].reshape(-1, dim))
+                grad_row_gram[r] += d_row_gram
+                grad_row_sq[r] += d_row_sq
+                grad_col_gram += d_col_gram
+                grad_col_sq += d_col_sq
+            _add_gram_and_norm_grads(grad_cols, col_vectors, grad_col_gram, grad_col_sq)
+        _add_gram_and_norm_grads(grad_rows, rows, grad_row_gram, grad_row_sq)
+        grad_cols = grad_packed
+        if index is not None:  # back from the packed layout; padding positions get no gradient
+            grad_cols = grad_packed.new_zeros(ctx.col_shape.numel() // dim, dim)
+            grad_cols.index_copy_(0, index, grad_packed.mul_(packed_weight[:, None]))
+        return grad_rows, grad_cols.view(ctx.col_shape), None, None, None, None, None
+
+
+def _group_views(groups: ColumnGroups, packed: torch.Tensor, packed_sq: torch.Tensor, packed_weight: torch.Tensor):
+    """Per group: its (first, end) positions, its span of the packed rows, and views of its packed vectors
+    (n, L, d), squared norms and weights (n, L)."""
+    offset = 0
+    for first, end, length in groups.bounds:
+        span = slice(offset, offset + (end - first) * length)
+        yield ((first, end), span, packed[span].view(end - first, length, -1), packed_sq[span].view(end - first, length),
+               packed_weight[span].view(end - first, length))
+        offset = span.stop
+
+
+def _row_slices(row_mask: torch.Tensor, col_mask: torch.Tensor) -> list[slice]:
+    """Slices of rows whose raw scores against the columns of col_mask stay cache-sized (_slice_size)."""
+    step = _slice_size(row_mask, col_mask)
+    return [slice(r, r + step) for r in range(0, row_mask.size(0), step)]
+
+
+def _add_gram_and_norm_grads(grad: torch.Tensor, vectors: torch.Tensor, grad_gram: torch.Tensor,
+                             grad_sq: torch.Tensor) -> None:
+    """Adds the gradients through G = X X^T and |x|^2 to grad (n, L, d): (dG + dG^T) X and 2 d|x|^2 x."""
+    grad.baddbmm_(grad_gram + grad_gram.transpose(1, 2), vectors).addcmul_(grad_sq[..., None], vectors, value=2)
 
 
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,
@@ -308,41 +408,17 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
     With rows = image blocks and cols = words this is t2i + i2t; with rows = CNN blocks and
     cols = BoVW blocks it is S_A2. Both directions share the raw scores of each slice of rows.
     """
-    if raw_feature_norm in L2_NORMS and _kernel_serves(rows.device):
-        rows_trimmed = trimmed(rows, row_lengths)
-
-        def group_scores(vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            return _fused_pairs(rows_trimmed, trimmed(vectors, lengths), raw_feature_norm == "clipped_l2norm",
-                                lambda_softmax)
-    else:
-        row_fragments = Fragments.of(rows, row_lengths)
-
-        def group_scores(vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            return _paired_fragments(row_fragments, Fragments.of(vectors, lengths), raw_feature_norm, lambda_softmax)
     col_lengths = col_lengths.to(cols.device)
-    if bool((col_lengths == col_lengths[0]).all()):
-        return group_scores(cols, col_lengths)
-    # Columns of similar length together: each group is trimmed to its longest, so little padding is scored.
-    if bool((col_lengths[1:] <= col_lengths[:-1]).all()):  # training batches come longest first (data.collate)
-        return torch.cat([group_scores(cols[g:g + COLUMN_GROUP], col_lengths[g:g + COLUMN_GROUP])
-                          for g in range(0, len(cols), COLUMN_GROUP)], dim=1)
-    # Other orders (evaluation) are grouped shortest first. Grouping longest first here too changed the last
-    # bit of some scores, which broke exact ties between duplicate captions (tests/test_captions_per_image.py).
-    by_length = torch.argsort(col_lengths, stable=True)
-    groups = [group_scores(cols.index_select(0, g), col_lengths.index_select(0, g))
-              for g in by_length.split(COLUMN_GROUP)]
-    return torch.cat(groups, dim=1).index_select(1, torch.argsort(by_length))
-
-
-def _fused_pairs(rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tensor, torch.Tensor], clipped: bool,
-                 lambda_softmax: float) -> torch.Tensor:
-    """paired_attention of trimmed (vectors, mask) by the fused kernel, in slices of rows (as _paired_fragments)."""
-    (row_vectors, row_mask), (col_vectors, col_mask) = rows, cols
-    step = _slice_size(row_mask, col_mask)
-    if step >= len(row_vectors):  # one slice: no slicing ops for autograd to undo
-        return _FusedPairedAttention.apply(row_vectors, col_vectors, row_mask, col_mask, clipped, lambda_softmax)
-    return torch.cat([_FusedPairedAttention.apply(row_vectors[r:r + step], col_vectors, row_mask[r:r + step], col_mask,
-                                                  clipped, lambda_softmax) for r in range(0, len(row_vectors), step)])
+    groups = ColumnGroups.of(col_lengths)
+    if raw_feature_norm in L2_NORMS and _kernel_serves(rows.device):
+        row_vectors, row_mask = trimmed(rows, row_lengths)
+        return _FusedPairedAttention.apply(row_vectors, cols, row_mask, col_lengths, groups,
+                                           raw_feature_norm == "clipped_l2norm", lambda_softmax)
+    row_fragments = Fragments.of(rows, row_lengths)
+    scores = torch.cat([_paired_fragments(row_fragments, Fragments.of(cols[members], col_lengths[members]),
+                                          raw_feature_norm, lambda_softmax)
+                        for members in (groups.members(first, end) for first, end, _ in groups.bounds)], dim=1)
+    return scores if groups.order is None else scores.index_select(1, torch.argsort(groups.order))
 
 
 def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:

@@ -32,41 +32,45 @@ from runtime import allocator  # noqa: E402
 SIMILARITY_PARTS = ("similarity S_P", "auxiliary S_A1, S_A2", "MSB loss (3 terms)", "backward: similarities + loss")
 
 
-def paired_calls() -> list[tuple]:
-    """The inputs of every fused paired-attention call of one training step's similarities, as the model
-    makes them (its caption groups and slices), with the Gram matrices and norms the kernel reads."""
-    calls = []
-    apply = model_local._FusedPairedAttention.apply
+def paired_calls() -> tuple[list, list]:
+    """The raw-score products (rows, cols) and the paired-kernel inputs of one training step's similarities, as
+    the model makes them (its caption groups and slices)."""
+    kernel = attention_kernel.load()
+    products, kernel_inputs = [], []
+    raw_scores, paired_forward = model_local._raw_scores, kernel.paired_forward
 
-    def record(rows, cols, row_mask, col_mask, clipped, lambda_softmax):
-        calls.append((rows, cols, row_mask.to(rows.dtype), col_mask.to(rows.dtype)))
-        return apply(rows, cols, row_mask, col_mask, clipped, lambda_softmax)
+    def record_product(rows, cols):
+        products.append((rows, cols))
+        return raw_scores(rows, cols)
+
+    def record_kernel(*args):
+        kernel_inputs.append(args[:7])  # raw, both Gram matrices, both squared norms, both masks
+        return paired_forward(*args)
 
     torch.manual_seed(0)
     model = build_model("local", RSICD.opt("local"), RSICD.vocab_size)
     split = in_memory_split(RSICD, "local", RSICD.batch_size // RSICD.captions_per_image + 1)
     cnn, bovw, captions, lengths, _, _ = batch_of(split, list(range(RSICD.batch_size)))
-    model_local._FusedPairedAttention.apply = record
+    model_local._raw_scores, kernel.paired_forward = record_product, record_kernel
     try:
         with torch.no_grad():
             model.similarities(model.encode(cnn, bovw, captions, lengths))
     finally:
-        model_local._FusedPairedAttention.apply = apply
-    return [(rows, cols, model_local.gram_matrices(rows), model_local.gram_matrices(cols), rows.pow(2).sum(-1),
-             cols.pow(2).sum(-1), row_weight, col_weight) for rows, cols, row_weight, col_weight in calls]
+        model_local._raw_scores, kernel.paired_forward = raw_scores, paired_forward
+    return products, kernel_inputs
 
 
-def matmuls(calls) -> None:
-    """The raw scores of every call and their two gradients (as the Function's backward computes them)."""
-    for rows, cols, *_ in calls:
+def matmuls(products) -> None:
+    """The raw scores of every product and their two gradients (as the Function's backward computes them)."""
+    for rows, cols in products:
         raw = model_local._raw_scores(rows, cols).view(rows.size(0) * rows.size(1), -1)
         raw @ cols.reshape(-1, cols.size(-1)), raw.T @ rows.reshape(-1, rows.size(-1))
 
 
-def kernel_calls(calls, raws) -> None:
+def kernel_calls(kernel_inputs) -> None:
     """Forward and backward of the paired kernel (both directions) of every call."""
     kernel = attention_kernel.load()
-    for (_, _, row_gram, col_gram, row_sq, col_sq, row_weight, col_weight), raw in zip(calls, raws):
+    for raw, row_gram, col_gram, row_sq, col_sq, row_weight, col_weight in kernel_inputs:
         out, *state = kernel.paired_forward(raw, row_gram, col_gram, row_sq, col_sq, row_weight, col_weight, True,
                                             9.0, True)
         kernel.paired_backward(torch.ones_like(out), raw, row_sq, col_sq, row_weight, col_weight, state[:5],
@@ -83,10 +87,9 @@ def main() -> None:
     allocator.keep_freed_memory()
     if attention_kernel.load() is None:
         raise SystemExit("the fused attention kernel is not available here: nothing to bound")
-    calls = paired_calls()
-    raws = [model_local._raw_scores(rows, cols) for rows, cols, *_ in calls]
-    parts = {"  raw-score matmuls and their gradients": lambda: matmuls(calls),
-             "  fused kernel, forward + backward": lambda: kernel_calls(calls, raws)}
+    products, kernel_inputs = paired_calls()
+    parts = {"  raw-score matmuls and their gradients": lambda: matmuls(products),
+             "  fused kernel, forward + backward": lambda: kernel_calls(kernel_inputs)}
     times = {label: [] for label in ["similarities + loss, forward + backward", *parts, "training step",
                                      "encoder floor"]}
     for _ in range(args.rounds + 1):  # the first round warms up
@@ -101,7 +104,7 @@ def main() -> None:
         times["encoder floor"].append(profile_training("local", RSICD, args.steps, floor=True)["whole step"][0])
     medians = {label: statistics.median(values[1:]) for label, values in times.items()}
     floor = medians["encoder floor"]
-    print(f"local step at RSICD sizes, {threads.describe()}, {len(calls)} paired-attention calls a step; wall ms "
+    print(f"local step at RSICD sizes, {threads.describe()}, {len(kernel_inputs)} paired-kernel calls a step; wall ms "
           f"per step, medians of {args.rounds} alternating rounds of {args.steps} steps")
     for label, value in medians.items():
         print(f"  {label:<44} {1e3 * value:7.1f}   {value / floor:5.2f}x the floor")

@@ -194,31 +194,47 @@ template <typename T>
 void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* query_sq, const T* query_mask,
                    const T* inv_count, const T* w, const T* gram_w, const T* scale, const T* dot, const T* att,
                    bool clipped, T lambda, T* grad_raw, T* grad_gram, T* grad_query_sq, T* grad_dot, T* grad_att,
-                   T* weighted_sum, T* buffer) {
+                   T* weighted_sum, T* buffer, T* products, T* along_row, T* scale_row) {
   const int64_t row = d.row, len = d.query_len, lc = d.ctx_len;
   const T eps = T(kL2Eps), eps_sq = T(kCosineEps * kCosineEps);
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
   for (int64_t a = 0; a < d.n_query; ++a) {
     const T g = grad_out[a] * inv_count[a];
-    for (int64_t l = a * len; l < (a + 1) * len; ++l) {
-      const T grad_cos = g * query_mask[l];
-      const T product = query_sq[l] * att[l];
-      const T norm_product = std::sqrt(product > eps_sq ? product : eps_sq);
-      grad_dot[l] = grad_cos / norm_product;
-      // d / d(|Q|^2 |v|^2), zero where the clamp holds
-      const T grad_product = product > eps_sq ? -grad_cos * dot[l] / (norm_product * norm_product * norm_product) / 2
-                                              : T(0);
-      grad_query_sq[l] = grad_product * att[l];
-      grad_att[l] = grad_product * query_sq[l];
-      weighted_sum[l] = grad_dot[l] * dot[l] + 2 * grad_att[l] * att[l];
-    }
+    for (int64_t l = a * len; l < (a + 1) * len; ++l) grad_dot[l] = g * query_mask[l];  // dL/dcos_l
   }
-  // dL/dG = sum over l of grad_att_l w_l w_l^T, symmetric
+#pragma omp simd
+  for (int64_t l = 0; l < row; ++l) {
+    const T grad_cos = grad_dot[l];
+    const T product = query_sq[l] * att[l];
+    const T norm_product = std::sqrt(product > eps_sq ? product : eps_sq);
+    grad_dot[l] = grad_cos / norm_product;
+    // d / d(|Q|^2 |v|^2), zero where the clamp holds
+    const T grad_product = product > eps_sq ? -grad_cos * dot[l] / (norm_product * norm_product * norm_product) / 2
+                                            : T(0);
+    grad_query_sq[l] = grad_product * att[l];
+    grad_att[l] = grad_product * query_sq[l];
+    weighted_sum[l] = grad_dot[l] * dot[l] + 2 * grad_att[l] * att[l];
+  }
+  // dL/dG = sum over l of grad_att_l w_l w_l^T, symmetric; four j at a time share the loads of buffer
   for (int64_t k = 0; k < lc; ++k) {
     const T* wk = w + k * row;
 #pragma omp simd
     for (int64_t i = 0; i < row; ++i) buffer[i] = wk[i] * grad_att[i];
-    for (int64_t j = k; j < lc; ++j) {
+    int64_t j = k;
+    for (; j + 4 <= lc; j += 4) {
+      const T *w0 = w + j * row, *w1 = w0 + row, *w2 = w1 + row, *w3 = w2 + row;
+      T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+#pragma omp simd reduction(+ : acc0, acc1, acc2, acc3)
+      for (int64_t i = 0; i < row; ++i) {
+        acc0 += buffer[i] * w0[i];
+        acc1 += buffer[i] * w1[i];
+        acc2 += buffer[i] * w2[i];
+        acc3 += buffer[i] * w3[i];
+      }
+      const T accs[4] = {acc0, acc1, acc2, acc3};
+      for (int64_t q = 0; q < 4; ++q) grad_gram[k * lc + j + q] = grad_gram[(j + q) * lc + k] = accs[q];
+    }
+    for (; j < lc; ++j) {
       const T* wj = w + j * row;
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -237,16 +253,25 @@ void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* que
     for (int64_t i = 0; i < row; ++i)
       grad_logits[i] = (2 * grad_att[i] * gk[i] + r[i] * grad_dot[i] - weighted_sum[i]) * wk[i];
     T* gr = grad_raw + k * row;
+    // back through the norm over l (logits_kl = lambda h_kl / n_k): the products of each query's sum, the sums in
+    // order, then one pass along the flat axis with each position's query factors
+#pragma omp simd
+    for (int64_t i = 0; i < row; ++i) products[i] = grad_logits[i] * leaky(r[i], negative_slope);
     for (int64_t a = 0; a < d.n_query; ++a) {
       const T f = scale[k * d.n_query + a];
-      T along = 0;  // back through the norm over l: logits_kl = lambda h_kl / n_k
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) along += grad_logits[l] * leaky(r[l], negative_slope);
+      T along = 0;
+      for (int64_t l = a * len; l < (a + 1) * len; ++l) along += products[l];
       along *= f * f / (lambda * lambda);
-#pragma omp simd
       for (int64_t l = a * len; l < (a + 1) * len; ++l) {
-        const T grad_score = (grad_logits[l] - (leaky(r[l], negative_slope) + eps * query_mask[l]) * along) * f;
-        gr[l] = grad_score * (r[l] > 0 ? T(1) : negative_slope) + wk[l] * grad_dot[l];  // raw also enters dot_l directly
+        along_row[l] = along;
+        scale_row[l] = f;
       }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < row; ++i) {
+      const T grad_score = (grad_logits[i] - (leaky(r[i], negative_slope) + eps * query_mask[i]) * along_row[i]) *
+                           scale_row[i];
+      gr[i] = grad_score * (r[i] > 0 ? T(1) : negative_slope) + wk[i] * grad_dot[i];  // raw also enters dot_l directly
     }
   }
 }
@@ -266,7 +291,8 @@ void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double
     inv_count[a] = T(1) / count;
   }
   at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
-    std::vector<T> grad_dot(d.row), grad_att(d.row), weighted_sum(d.row), buffer(d.row);
+    std::vector<T> grad_dot(d.row), grad_att(d.row), weighted_sum(d.row), buffer(d.row), products(d.row),
+        along_row(d.row), scale_row(d.row);
     std::vector<T> gathered(x.transposed ? tile : 0), grad_tile(x.transposed ? tile : 0);
     for (int64_t b = first; b < end; ++b) {
       const T* raw_item = x.raw + b * tile;
@@ -280,7 +306,7 @@ void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double
                        x.w + b * tile, x.gram_w + b * tile, x.scale + b * d.ctx_len * d.n_query, x.dot + b * d.row,
                        x.att + b * d.row, clipped, T(lambda), grad_item, grad_gram + b * d.ctx_len * d.ctx_len,
                        grad_query_sq + b * d.row, grad_dot.data(), grad_att.data(), weighted_sum.data(),
-                       buffer.data());
+                       buffer.data(), products.data(), along_row.data(), scale_row.data());
       if (x.transposed) add_transposed(d.transposed(), grad_tile.data(), b, grad_raw);
     }
   });

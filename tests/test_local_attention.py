@@ -101,16 +101,19 @@ def test_slicing_does_not_change_values_or_grads(slice_elements: int, monkeypatc
         assert_close(sliced_grad, whole_grad, 1e-12)
 
 
+@pytest.mark.parametrize("slice_elements", [model_local.SLICE_ELEMENTS, 1])  # 1: one image a slice, in every group
 @pytest.mark.parametrize("longest_first", [False, True])  # True: sorted as data.collate sorts a batch
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 @pytest.mark.parametrize("column_group", [1, 2, 3])
 def test_caption_groups_give_the_reference_values_and_grads(column_group: int, norm: str, longest_first: bool,
-                                                            monkeypatch, attention_path: str) -> None:
+                                                            slice_elements: int, monkeypatch,
+                                                            attention_path: str) -> None:
     (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
     if longest_first:
         order = torch.argsort(word_lengths, descending=True, stable=True)
         words_, word_lengths = words_[order], word_lengths[order]
     monkeypatch.setattr(model_local, "COLUMN_GROUP", column_group)
+    monkeypatch.setattr(model_local, "SLICE_ELEMENTS", slice_elements)
     grouped, grouped_grads = values_and_grads(
         lambda w, i: paired_attention(i, image_lengths, w, word_lengths, norm), [words_, images])
     expected, expected_grads = values_and_grads(
@@ -118,6 +121,23 @@ def test_caption_groups_give_the_reference_values_and_grads(column_group: int, n
     assert_close(grouped, expected)
     for grouped_grad, expected_grad in zip(grouped_grads, expected_grads):
         assert_close(grouped_grad, expected_grad)
+
+
+def test_column_groups_follow_the_batch_order_and_pack_each_group_to_its_longest(monkeypatch) -> None:
+    monkeypatch.setattr(model_local, "COLUMN_GROUP", 2)
+    same = model_local.ColumnGroups.of(torch.tensor([4, 4, 4]))
+    assert same.order is None and same.bounds == [(0, 3, 4)]  # equal lengths: one group whatever its size
+    index, weight = same.packing(torch.tensor([4, 4, 4]), 4)
+    assert index is None and bool(weight.all())  # full length: the flat columns themselves
+    longest_first = model_local.ColumnGroups.of(torch.tensor([5, 3, 3, 2, 1]))
+    assert longest_first.order is None and longest_first.bounds == [(0, 2, 5), (2, 4, 3), (4, 5, 1)]
+    index, weight = longest_first.packing(torch.tensor([5, 3, 3, 2, 1]), 5)
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17, 20]
+    assert weight.tolist() == [True] * 5 + [True] * 3 + [False] * 2 + [True] * 3 + [True] * 2 + [False] + [True]
+    shuffled = model_local.ColumnGroups.of(torch.tensor([3, 1, 2]))  # other orders: shortest first
+    assert shuffled.order.tolist() == [1, 2, 0] and shuffled.bounds == [(0, 2, 2), (2, 3, 3)]
+    index, weight = shuffled.packing(torch.tensor([3, 1, 2]), 3)
+    assert index.tolist() == [3, 4, 6, 7, 0, 1, 2] and weight.tolist() == [True, False, True, True, True, True, True]
 
 
 def model_batch(seed: int = 0, dtype: torch.dtype = torch.float64):
