@@ -8,9 +8,9 @@ items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl an
 |v_l|^2 = w_l^T G w_l with G = C C^T (docs/METHOD.md section 4). Large galleries are processed in
 slices of context items (SLICE_ELEMENTS) so that the intermediates stay small. On a CPU the L2 score
 norms run in one fused C++ loop per context item (csrc/l2_attention.cpp): _FusedPairedAttention scores
-both directions of paired_attention from one tile of raw scores, _FusedL2Attention one direction
-(cross_attention); _L2Attention is the same computation as tensor ops, used on other devices and without
-a compiler.
+both directions of paired_attention from one tile of raw scores per caption group, all groups of a call in one
+autograd Function; _FusedL2Attention one direction (cross_attention); _L2Attention is the same computation as
+tensor ops, used on other devices and without a compiler.
 """
 from __future__ import annotations
 

@@ -189,13 +189,23 @@ void forward_all(const Direction<T>& x, const T* gram, const T* ctx_mask, bool c
   });
 }
 
+// One thread's flat-axis work rows of backward_item.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> grad_dot, grad_att, weighted_sum, buffer, products, along_row, scale_row;
+  explicit BackwardScratch(int64_t row)
+      : grad_dot(row), grad_att(row), weighted_sum(row), buffer(row), products(row), along_row(row), scale_row(row) {}
+};
+
 // Gradients of one context item: raw (its tile), Gram (Lc x Lc) and the per-item part of the query norms'.
 template <typename T>
 void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* query_sq, const T* query_mask,
                    const T* inv_count, const T* w, const T* gram_w, const T* scale, const T* dot, const T* att,
-                   bool clipped, T lambda, T* grad_raw, T* grad_gram, T* grad_query_sq, T* grad_dot, T* grad_att,
-                   T* weighted_sum, T* buffer, T* products, T* along_row, T* scale_row) {
+                   bool clipped, T lambda, T* grad_raw, T* grad_gram, T* grad_query_sq, BackwardScratch<T>& scratch) {
   const int64_t row = d.row, len = d.query_len, lc = d.ctx_len;
+  T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
+  T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data(), *products = scratch.products.data();
+  T *along_row = scratch.along_row.data(), *scale_row = scratch.scale_row.data();
   const T eps = T(kL2Eps), eps_sq = T(kCosineEps * kCosineEps);
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
   for (int64_t a = 0; a < d.n_query; ++a) {
@@ -291,8 +301,7 @@ void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double
     inv_count[a] = T(1) / count;
   }
   at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
-    std::vector<T> grad_dot(d.row), grad_att(d.row), weighted_sum(d.row), buffer(d.row), products(d.row),
-        along_row(d.row), scale_row(d.row);
+    BackwardScratch<T> scratch(d.row);
     std::vector<T> gathered(x.transposed ? tile : 0), grad_tile(x.transposed ? tile : 0);
     for (int64_t b = first; b < end; ++b) {
       const T* raw_item = x.raw + b * tile;
@@ -305,8 +314,7 @@ void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double
       backward_item<T>(d, grad_out + b * d.n_query, raw_item, x.query_sq, x.query_mask, inv_count.data(),
                        x.w + b * tile, x.gram_w + b * tile, x.scale + b * d.ctx_len * d.n_query, x.dot + b * d.row,
                        x.att + b * d.row, clipped, T(lambda), grad_item, grad_gram + b * d.ctx_len * d.ctx_len,
-                       grad_query_sq + b * d.row, grad_dot.data(), grad_att.data(), weighted_sum.data(),
-                       buffer.data(), products.data(), along_row.data(), scale_row.data());
+                       grad_query_sq + b * d.row, scratch);
       if (x.transposed) add_transposed(d.transposed(), grad_tile.data(), b, grad_raw);
     }
   });
