@@ -60,6 +60,7 @@ class Trainer:
 
     def __init__(self, kind: str, opt: dict):
         self.kind, self.opt = kind, opt
+        self.log: RunLogger | None = None  # rank 0's run logs, opened once the run is set up
         # docs/METHOD.md section 5: an anchor needs a positive and a negative in its own batch
         if opt["batch_size"] < 2:
             raise InputError(f"--batch_size {opt['batch_size']} cannot produce a loss: the MSB loss needs a "
@@ -123,7 +124,9 @@ class Trainer:
                               max_words=o["max_caption_words"], allow_unknown=o["allow_unknown_words"])
 
     def release(self) -> None:
-        """Free the run folders for another run."""
+        """Close the run logs and free the run folders for another run (also after an error)."""
+        if self.log:
+            self.log.close()
         self.guard.release()
 
     def state(self) -> dict:
@@ -259,8 +262,6 @@ class Trainer:
                 self.stop(sig)
         if self.dist.is_main:
             print(self.keeper.stop_line(self.epoch), flush=True)
-        if self.log:
-            self.log.close()
         return self.keeper.best_rsum
 
     def patience_over(self) -> bool:

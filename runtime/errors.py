@@ -11,6 +11,7 @@ class ReportedError(Exception):
     """An error whose message is complete for the user: no traceback is shown."""
 
     every_rank = False  # under torchrun: printed by every rank (what one rank saw), not by rank 0 alone
+    skip_teardown = False  # exit right after the message, without the interpreter's teardown
 
 
 class InputError(ReportedError):
@@ -42,6 +43,10 @@ def report_errors(main: Callable[..., object]) -> Callable[..., object]:
         except ReportedError as err:
             if _rank_zero() or err.every_rank:
                 print(f"error: {err}", file=sys.stderr)
+            if err.skip_teardown:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
         except KeyboardInterrupt:
             if _rank_zero():

@@ -359,6 +359,14 @@ def test_non_finite_weights_are_never_saved_nor_loaded(tiny_data, tmp_path):
         run.release()
 
 
+def test_a_run_that_stops_on_an_error_closes_its_logs(tiny_data, tmp_path):
+    run = trainer.Trainer("global", trainer.parse_options("global", train_argv("global", tiny_data, str(tmp_path))))
+    run.log.loss(0, 1, 1, {"loss": 1.5}, 2e-4)
+    run.release()  # what trainer.main does after an error too, before a lost peer's immediate exit
+    assert run.log.performance.closed and run.log.losses.closed
+    assert "loss 1.500000" in (tmp_path / "loss.log").read_text()
+
+
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_epoch")
