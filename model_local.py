@@ -83,10 +83,10 @@ class Fragments:
         return self.vectors.size(0)
 
 
-def _slice_size(context_mask: torch.Tensor, query_mask: torch.Tensor) -> int:
-    """Context items per slice so the (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
-    per_item = context_mask.size(1) * query_mask.numel()
-    return max(1, SLICE_ELEMENTS // per_item)
+def _context_slices(context_mask: torch.Tensor, query_mask: torch.Tensor) -> list[slice]:
+    """Slices of the context items so that their (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
+    step = max(1, SLICE_ELEMENTS // (context_mask.size(1) * query_mask.numel()))
+    return [slice(first, first + step) for first in range(0, context_mask.size(0), step)]
 
 
 def _raw_scores(context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -274,18 +274,22 @@ class ColumnGroups:
         bounds = [(first, min(first + COLUMN_GROUP, len(values))) for first in range(0, len(values), COLUMN_GROUP)]
         return cls(order, [(first, end, max(values[first:end])) for first, end in bounds])
 
-    def members(self, first: int, end: int) -> slice | torch.Tensor:
-        """Indices of the columns at group positions first..end."""
-        return slice(first, end) if self.order is None else self.order[first:end]
+    def members(self) -> list[slice | torch.Tensor]:
+        """The columns of each group: slices of the batch, or their indices in length order."""
+        return [slice(first, end) if self.order is None else self.order[first:end] for first, end, _ in self.bounds]
+
+    def restore(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores (n, columns) in group order back in the columns' own order."""
+        return scores if self.order is None else scores.index_select(1, torch.argsort(self.order))
 
     def packing(self, lengths: torch.Tensor, padded_len: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Rows of the flat (n * padded_len, d) columns that pack each group's trimmed vectors side by side
         (None: the flat columns themselves), and the packed positions' weights (1 true, 0 padding)."""
         if int(lengths.min()) == padded_len:  # every column full length: one group, nothing to trim
             return None, torch.ones(len(lengths) * padded_len, dtype=torch.bool, device=lengths.device)
-        index, weight = [], []
-        for first, end, length in self.bounds:
-            members = torch.arange(len(lengths), device=lengths.device)[self.members(first, end)]
+        index, weight, ids = [], [], torch.arange(len(lengths), device=lengths.device)
+        for (_, _, length), group in zip(self.bounds, self.members()):
+            members = ids[group]
             positions = torch.arange(length, device=lengths.device)
             index.append((members[:, None] * padded_len + positions).reshape(-1))
             weight.append((positions < lengths[members][:, None]).reshape(-1))
@@ -314,7 +318,7 @@ class _FusedPairedAttention(torch.autograd.Function):
         kernel, saved, group_outs = attention_kernel.load(), [], []
         for _, _, col_vectors, col_sq, col_weight in _group_views(groups, packed, packed_sq, packed_weight):
             col_gram, slice_outs = gram_matrices(col_vectors), []
-            for r in _row_slices(row_weight, col_weight):
+            for r in _context_slices(row_weight, col_weight):
                 raw = _raw_scores(rows[r], col_vectors)
                 out, *state = kernel.paired_forward(raw, row_gram[r], col_gram, row_sq[r], col_sq, row_weight[r],
                                                     col_weight, clipped, lambda_softmax, backward_needs)
@@ -325,7 +329,7 @@ class _FusedPairedAttention(torch.autograd.Function):
         if backward_needs:
             ctx.save_for_backward(rows, packed, row_sq, packed_sq, row_weight, packed_weight, index, *saved)
             ctx.groups, ctx.col_shape, ctx.clipped, ctx.lambda_softmax = groups, cols.shape, clipped, lambda_softmax
-        return out if groups.order is None else out.index_select(1, torch.argsort(groups.order))
+        return groups.restore(out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -339,7 +343,7 @@ class _FusedPairedAttention(torch.autograd.Function):
                                                                               packed_weight):
             grad_cols = grad_packed[span].view_as(col_vectors)
             grad_col_gram, grad_col_sq = rows.new_zeros(col_sq.shape + col_sq.shape[-1:]), torch.zeros_like(col_sq)
-            for r in _row_slices(row_weight, col_weight):
+            for r in _context_slices(row_weight, col_weight):
                 raw, *state = next(per_call)
                 grad_raw, d_row_gram, d_col_gram, d_row_sq, d_col_sq = kernel.paired_backward(
                     grad_out[r, first:end], raw, row_sq[r], col_sq, row_weight[r], col_weight, state[:5], state[5:],
@@ -372,12 +376,6 @@ def _group_views(groups: ColumnGroups, packed: torch.Tensor, packed_sq: torch.Te
         offset = span.stop
 
 
-def _row_slices(row_mask: torch.Tensor, col_mask: torch.Tensor) -> list[slice]:
-    """Slices of rows whose raw scores against the columns of col_mask stay cache-sized (_slice_size)."""
-    step = _slice_size(row_mask, col_mask)
-    return [slice(r, r + step) for r in range(0, row_mask.size(0), step)]
-
-
 def _add_gram_and_norm_grads(grad: torch.Tensor, vectors: torch.Tensor, grad_gram: torch.Tensor,
                              grad_sq: torch.Tensor) -> None:
     """Adds the gradients through G = X X^T and |x|^2 to grad (n, L, d): (dG + dG^T) X and 2 d|x|^2 x."""
@@ -392,11 +390,8 @@ def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: t
     query (nQ, Lq, d) and context (nC, Lc, d) are padded; lengths are (n,) integer tensors.
     """
     query, context = Fragments.of(query, query_lengths), Fragments.of(context, context_lengths)
-    step = _slice_size(context.mask, query.mask)
-    per_context = [
-        _attend(_raw_scores(context.vectors[b:b + step], query.vectors), context[b:b + step], query,
-                raw_feature_norm, lambda_softmax)
-        for b in range(0, len(context), step)]
+    per_context = [_attend(_raw_scores(context.vectors[b], query.vectors), context[b], query, raw_feature_norm,
+                           lambda_softmax) for b in _context_slices(context.mask, query.mask)]
     return torch.cat(per_context).T
 
 
@@ -415,24 +410,21 @@ def paired_attention(rows: torch.Tensor, row_lengths: torch.Tensor, cols: torch.
         return _FusedPairedAttention.apply(row_vectors, cols, row_mask, col_lengths, groups,
                                            raw_feature_norm == "clipped_l2norm", lambda_softmax)
     row_fragments = Fragments.of(rows, row_lengths)
-    scores = torch.cat([_paired_fragments(row_fragments, Fragments.of(cols[members], col_lengths[members]),
-                                          raw_feature_norm, lambda_softmax)
-                        for members in (groups.members(first, end) for first, end, _ in groups.bounds)], dim=1)
-    return scores if groups.order is None else scores.index_select(1, torch.argsort(groups.order))
+    return groups.restore(torch.cat([
+        _paired_fragments(row_fragments, Fragments.of(cols[members], col_lengths[members]), raw_feature_norm,
+                          lambda_softmax) for members in groups.members()], dim=1))
 
 
 def _paired_fragments(rows: Fragments, cols: Fragments, raw_feature_norm: str, lambda_softmax: float) -> torch.Tensor:
     """paired_attention of prepared fragments by tensor ops (other devices, no compiler, or the softmax and
     no_norm score norms), in slices of rows."""
-    step = _slice_size(rows.mask, cols.mask)
     cols_as_query, rows_as_query = [], []
-    for r in range(0, len(rows), step):
-        raw = _raw_scores(rows.vectors[r:r + step], cols.vectors)  # (step, Lr, nC, Lc)
-        cols_as_query.append(_attend(raw, rows[r:r + step], cols, raw_feature_norm, lambda_softmax))
+    for r in _context_slices(rows.mask, cols.mask):
+        raw = _raw_scores(rows.vectors[r], cols.vectors)  # (slice, Lr, nC, Lc)
+        cols_as_query.append(_attend(raw, rows[r], cols, raw_feature_norm, lambda_softmax))
         # The transposed copy of a slice is much cheaper than a second matmul over d.
         raw_rows_as_query = raw.permute(2, 3, 0, 1).contiguous()
-        rows_as_query.append(_attend(raw_rows_as_query, cols, rows[r:r + step], raw_feature_norm,
-                                     lambda_softmax))
+        rows_as_query.append(_attend(raw_rows_as_query, cols, rows[r], raw_feature_norm, lambda_softmax))
     return torch.cat(cols_as_query) + torch.cat(rows_as_query, dim=1).T
 
 
