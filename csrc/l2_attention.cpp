@@ -1,15 +1,17 @@
 // Fused CPU kernel of the local subnetwork's cross-attention with an L2 score norm (docs/METHOD.md section 4).
 //
-// Same formula and inputs as model_local._L2Attention: raw scores (nC, Lc, nQ, Lq) in the context-major
-// layout, context Gram matrices (nC, Lc, Lc), the queries' squared fragment norms and masks (nQ, Lq), the
-// context mask (nC, Lc). One context item at a time: its (Lc, nQ * Lq) tile stays in cache through every
-// step, where the tensor-op form makes a pass over the whole batch per step. Loops run along the flat
-// nQ * Lq axis so that the compiler vectorises them (exp included, through glibc's vector math library).
-// paired_forward / paired_backward run both directions of one tile of paired scores (model_local's
-// _FusedPairedAttention): the second direction gathers each of its tiles from the first's layout.
+// Same formula and inputs as model_local._L2Attention. Raw scores come as (n_rows, row_len, n_cols, col_len):
+// raw[b, k, c, l] = <row fragment b_k, column fragment c_l>. The work is cut into tiles, one row item against a
+// block of W columns, copied into tile[k][l][c] with the columns along the vector lanes. Every sum of the formula
+// (a query's positions for the norm and the mean, the context for the softmax, the Gram products) then runs over
+// whole vectors of W independent columns, and both directions of paired scores read the same tile:
+// att(Q = column, C = row) ("rows as context") and att(Q = row, C = column) ("columns as context"). A tile
+// (9 x 20 x 16 floats at RSICD sizes) stays in the first-level cache through every step; exp is vectorised
+// through glibc's vector math library.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -26,333 +28,645 @@ inline double vector_exp(double x) { return exp(x); }
 constexpr double kLeakySlope = 0.1;  // model_local.LEAKY_SLOPE
 constexpr double kL2Eps = 1e-8;      // encoders.L2_EPS
 constexpr double kCosineEps = 1e-8;  // model_local.COSINE_EPS
+// Columns scored side by side, one per lane. Per-column loops have this fixed length and compile to whole vector
+// operations; the last block's spare lanes hold zero scores, whose results are finite and never read back.
+constexpr int64_t W = 16;
+// Row items per accumulator of the columns' gradients in the backward: a fixed split, so that no sum depends on
+// the number of threads.
+constexpr int64_t kRowsPerBlock = 8;
 
-struct Shape {
-  int64_t n_ctx, ctx_len, n_query, query_len, row;  // row = n_query * query_len, one context fragment's scores
-  Shape(int64_t n_ctx, int64_t ctx_len, int64_t n_query, int64_t query_len)
-      : n_ctx(n_ctx), ctx_len(ctx_len), n_query(n_query), query_len(query_len), row(n_query * query_len) {}
-  explicit Shape(const at::Tensor& raw) : Shape(raw.size(0), raw.size(1), raw.size(2), raw.size(3)) {}
-  // The other direction of the same scores: the queries become the context items.
-  Shape transposed() const { return Shape(n_query, query_len, n_ctx, ctx_len); }
-};
-
-// Context item c's tile of the other direction, tile[k, (b, l)] = raw[b, l, c, k], gathered from raw
-// (n_ctx, ctx_len, n_query, query_len) of shape d; and the sum of such a tile's gradient back into raw.
-template <typename T>
-void gather_transposed(const Shape& d, const T* raw, int64_t c, T* tile) {
-  const int64_t columns = d.n_ctx * d.ctx_len;
-  for (int64_t bl = 0; bl < columns; ++bl) {
-    const T* from = raw + bl * d.row + c * d.query_len;
-    for (int64_t k = 0; k < d.query_len; ++k) tile[k * columns + bl] = from[k];
-  }
-}
-
-template <typename T>
-void add_transposed(const Shape& d, const T* tile, int64_t c, T* raw) {
-  const int64_t columns = d.n_ctx * d.ctx_len;
-  for (int64_t bl = 0; bl < columns; ++bl) {
-    T* to = raw + bl * d.row + c * d.query_len;
-    for (int64_t k = 0; k < d.query_len; ++k) to[k] += tile[k * columns + bl];
-  }
-}
+#define FOR_LANES(c) _Pragma("omp simd") for (int64_t c = 0; c < W; ++c)
 
 // The clipped norm's leaky ReLU; negative_slope is 1 for the plain L2 norm (branch-free, so loops vectorise).
 template <typename T>
 inline T leaky(T v, T negative_slope) { return v > 0 ? v : v * negative_slope; }
 
-// Softmax weights w, G w, <Q_l, v_l> and |v_l|^2 of one context item against every query; scale[k, a] is
-// lambda / |h_k + eps| of the released-code L2 norm over the query's positions l.
 template <typename T>
-void forward_item(const Shape& d, const T* raw, const T* gram, const T* query_mask, const T* ctx_mask, bool clipped,
-                  T lambda, T* scores, T* scale_row, T* scale, T* w, T* gram_w, T* dot, T* att) {
-  const int64_t row = d.row, len = d.query_len;
-  const T eps = T(kL2Eps), negative_slope = clipped ? T(kLeakySlope) : T(1);
-  T* inv_sum = att;  // the softmax denominators live in att's buffer until att is computed
-  for (int64_t i = 0; i < row; ++i) inv_sum[i] = 0;
-  for (int64_t k = 0; k < d.ctx_len; ++k) {
-    const T* r = raw + k * row;
-    T* s = scores + k * row;
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) s[i] = leaky(r[i], negative_slope);
-    for (int64_t a = 0; a < d.n_query; ++a) {
-      T sq = 0;
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) {
-        const T shifted = s[l] + eps * query_mask[l];
-        sq += shifted * shifted;
+inline T lane_sum(const T* v) {
+  T total = 0;
+  for (int64_t c = 0; c < W; ++c) total += v[c];
+  return total;
+}
+
+// raw is (n_rows, row_len, n_cols, col_len), its last two axes in either order in memory: column-major (each
+// column's positions contiguous, as a matmul of the columns' flat fragments gives it) or position-major (each
+// position's columns contiguous: then tiles load by whole vectors).
+bool position_major(const at::Tensor& raw) { return !raw.is_contiguous() && raw.transpose(2, 3).is_contiguous(); }
+
+struct Dims {
+  int64_t n_rows, row_len, n_cols, col_len, blocks, tile;  // blocks of W columns; tile = row_len * col_len * W
+  bool position_major;
+  explicit Dims(const at::Tensor& raw)
+      : n_rows(raw.size(0)), row_len(raw.size(1)), n_cols(raw.size(2)), col_len(raw.size(3)),
+        blocks((n_cols + W - 1) / W), tile(row_len * col_len * W), position_major(::position_major(raw)) {}
+  int64_t tile_of(int64_t i, int64_t j) const { return (i * col_len + j) * W; }  // tile[i][j][0]
+  // raw[b, k, c, l] in memory
+  int64_t raw_at(int64_t b, int64_t k, int64_t c, int64_t l) const {
+    const int64_t inner = position_major ? l * n_cols + c : c * col_len + l;
+    return (b * row_len + k) * n_cols * col_len + inner;
+  }
+};
+
+// What the kernel reads of one row item: its Gram matrix (as a context), squared norms (as a query), mask.
+template <typename T>
+struct Row {
+  const T *gram, *sq, *mask;
+  T count, inv_count;
+};
+
+// The rows' inputs (gram or sq null where the rows take no such part).
+template <typename T>
+struct Rows {
+  const T *gram, *sq, *mask;
+  Row<T> item(const Dims& d, int64_t b) const {
+    const T* m = mask + b * d.row_len;
+    T count = 0;
+    for (int64_t k = 0; k < d.row_len; ++k) count += m[k];
+    return {gram ? gram + b * d.row_len * d.row_len : nullptr, sq ? sq + b * d.row_len : nullptr, m, count,
+            T(1) / count};
+  }
+};
+
+// The columns' inputs in lane layout, built once per call: per block, sq and mask [l][c], Gram [l][l'][c] (as a
+// context), count and 1 / count [c]. Spare lanes: mask 1, norms 1, Gram 0.
+template <typename T>
+struct Columns {
+  int64_t len;
+  std::vector<T> sq, mask, gram, count, inv_count;
+  Columns(const Dims& d, const T* sq_in, const T* mask_in, const T* gram_in)
+      : len(d.col_len), sq(d.blocks * len * W, T(1)), mask(d.blocks * len * W, T(1)),
+        gram(gram_in ? d.blocks * len * len * W : 0, T(0)), count(d.blocks * W, T(0)), inv_count(d.blocks * W) {
+    for (int64_t col = 0; col < d.blocks * W; ++col) {
+      const int64_t q = col / W, c = col % W;
+      for (int64_t l = 0; l < len; ++l) {
+        const int64_t at = (q * len + l) * W + c;
+        if (col < d.n_cols) {
+          if (sq_in) sq[at] = sq_in[col * len + l];
+          mask[at] = mask_in[col * len + l];
+        }
+        count[col] += mask[at];
       }
-      const T f = lambda / std::sqrt(sq);
-      scale[k * d.n_query + a] = f;
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) scale_row[l] = f;
-    }
-    T* wk = w + k * row;
-    const T present = ctx_mask[k];
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) {
-      const T e = vector_exp(s[i] * scale_row[i]) * present;  // logits lie in [-lambda, lambda]: no max shift
-      wk[i] = e;
-      inv_sum[i] += e;
+      inv_count[col] = T(1) / count[col];
+      if (gram_in && col < d.n_cols)
+        for (int64_t i = 0; i < len * len; ++i) gram[(q * len * len + i) * W + c] = gram_in[col * len * len + i];
     }
   }
-#pragma omp simd
-  for (int64_t i = 0; i < row; ++i) {
-    inv_sum[i] = T(1) / inv_sum[i];
-    dot[i] = 0;
-  }
-  for (int64_t k = 0; k < d.ctx_len; ++k) {
-    T* wk = w + k * row;
-    const T* r = raw + k * row;
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) {
-      wk[i] *= inv_sum[i];
-      dot[i] += wk[i] * r[i];
-    }
-  }
-  for (int64_t i = 0; i < row; ++i) att[i] = 0;
-  for (int64_t k = 0; k < d.ctx_len; ++k) {
-    T* gk = gram_w + k * row;
-    for (int64_t i = 0; i < row; ++i) gk[i] = 0;
-    for (int64_t j = 0; j < d.ctx_len; ++j) {
-      const T g = gram[k * d.ctx_len + j];
-      const T* wj = w + j * row;
-#pragma omp simd
-      for (int64_t i = 0; i < row; ++i) gk[i] += g * wj[i];
-    }
-    const T* wk = w + k * row;
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) att[i] += wk[i] * gk[i];
-  }
+};
+
+// One block of columns, as Columns holds it.
+template <typename T>
+struct Block {
+  const T *sq, *mask, *gram, *count, *inv_count;
+};
+
+template <typename T>
+Block<T> block_of(const Columns<T>& cols, int64_t q) {
+  const int64_t len = cols.len;
+  return {cols.sq.data() + q * len * W, cols.mask.data() + q * len * W,
+          cols.gram.empty() ? nullptr : cols.gram.data() + q * len * len * W, cols.count.data() + q * W,
+          cols.inv_count.data() + q * W};
 }
 
-// Mean over the query's true positions of cos(Q_l, v_l) = dot_l / max(|Q_l| |v_l|, eps).
+// tile[k][l][c] = raw[b, k, q W + c, l] (0 in spare lanes); store_tile moves a tile's gradient back.
 template <typename T>
-void mean_cosines(const Shape& d, const T* dot, const T* att, const T* query_sq, const T* query_mask, T* out) {
-  const T eps_sq = T(kCosineEps * kCosineEps);
-  for (int64_t a = 0; a < d.n_query; ++a) {
-    T total = 0, count = 0;
-    for (int64_t l = a * d.query_len; l < (a + 1) * d.query_len; ++l) {
-      const T product = query_sq[l] * att[l];
-      total += dot[l] / std::sqrt(product > eps_sq ? product : eps_sq) * query_mask[l];
-      count += query_mask[l];
+void load_tile(const Dims& d, const T* raw, int64_t b, int64_t q, T* tile) {
+  const int64_t lanes = std::min(W, d.n_cols - q * W);
+  if (lanes < W) std::fill(tile, tile + d.tile, T(0));
+  for (int64_t k = 0; k < d.row_len; ++k)
+    for (int64_t l = 0; l < d.col_len; ++l) {
+      T* to = tile + d.tile_of(k, l);
+      if (d.position_major) {
+        const T* from = raw + d.raw_at(b, k, q * W, l);
+        if (lanes == W) {
+          FOR_LANES(c) to[c] = from[c];
+        } else {
+          for (int64_t c = 0; c < lanes; ++c) to[c] = from[c];
+        }
+      } else {
+        for (int64_t c = 0; c < lanes; ++c) to[c] = raw[d.raw_at(b, k, q * W + c, l)];
+      }
     }
-    out[a] = total / count;
-  }
 }
 
-// One direction of the attention: its raw scores, query norms and mask, and the state forward writes for the
-// backward (w, G w: (n_ctx, ctx_len, n_query, query_len), null without a backward; scale (n_ctx, ctx_len,
-// n_query); dot and att (n_ctx, n_query, query_len)).
 template <typename T>
-struct Direction {
-  Shape d;
-  bool transposed;  // raw is stored in the other direction's layout (d.transposed()): its tiles are gathered
-  const T *raw, *query_sq, *query_mask;
+void store_tile(const Dims& d, const T* tile, int64_t b, int64_t q, T* raw) {
+  const int64_t lanes = std::min(W, d.n_cols - q * W);
+  for (int64_t k = 0; k < d.row_len; ++k)
+    for (int64_t l = 0; l < d.col_len; ++l) {
+      const T* from = tile + d.tile_of(k, l);
+      if (d.position_major) {
+        T* to = raw + d.raw_at(b, k, q * W, l);
+        if (lanes == W) {
+          FOR_LANES(c) to[c] = from[c];
+        } else {
+          for (int64_t c = 0; c < lanes; ++c) to[c] = from[c];
+        }
+      } else {
+        for (int64_t c = 0; c < lanes; ++c) raw[d.raw_at(b, k, q * W + c, l)] = from[c];
+      }
+    }
+}
+
+template <typename T>
+void leaky_tile(const Dims& d, const T* raw, T negative_slope, T* scores) {
+#pragma omp simd
+  for (int64_t i = 0; i < d.tile; ++i) scores[i] = leaky(raw[i], negative_slope);
+}
+
+// What one direction keeps of a tile for its backward: the softmax weights w and G w [k][l][c], the norm's
+// factor lambda / |h + eps| [context position][c], and <Q, v>, |v|^2 [query position][c].
+template <typename T>
+struct TileState {
   T *w, *gram_w, *scale, *dot, *att;
 };
 
-std::vector<at::Tensor> new_state(const Shape& d, bool save, const at::TensorOptions& options) {
-  const std::vector<int64_t> tile = save ? std::vector<int64_t>{d.n_ctx, d.ctx_len, d.n_query, d.query_len}
-                                          : std::vector<int64_t>{0};
-  return {at::empty(tile, options), at::empty(tile, options), at::empty({d.n_ctx, d.ctx_len, d.n_query}, options),
-          at::empty({d.n_ctx, d.n_query, d.query_len}, options), at::empty({d.n_ctx, d.n_query, d.query_len}, options)};
+// One direction's state tensors (tiles, ...): w, G w, scale, dot, att; all empty without a backward.
+std::vector<at::Tensor> new_state(const Dims& d, bool save, int64_t context_len, int64_t query_len,
+                                  const at::TensorOptions& options) {
+  const int64_t tiles = save ? d.n_rows * d.blocks : 0;
+  return {at::empty({tiles, d.tile}, options), at::empty({tiles, d.tile}, options),
+          at::empty({tiles, context_len * W}, options), at::empty({tiles, query_len * W}, options),
+          at::empty({tiles, query_len * W}, options)};
 }
 
 template <typename T>
-Direction<T> direction(const Shape& d, bool transposed, const at::Tensor& raw, const at::Tensor& query_sq,
-                       const at::Tensor& query_mask, const std::vector<at::Tensor>& state) {
-  const bool save = state[0].numel() > 0;
-  return {d, transposed, raw.data_ptr<T>(), query_sq.data_ptr<T>(), query_mask.data_ptr<T>(),
-          save ? state[0].data_ptr<T>() : nullptr, save ? state[1].data_ptr<T>() : nullptr, state[2].data_ptr<T>(),
-          state[3].data_ptr<T>(), state[4].data_ptr<T>()};
+TileState<T> saved_state(const std::vector<at::Tensor>& state, int64_t t) {
+  T* p[5];
+  for (int i = 0; i < 5; ++i) p[i] = state[i].data_ptr<T>() + t * state[i].size(1);
+  return {p[0], p[1], p[2], p[3], p[4]};
 }
 
-// The forward of every context item of one direction, spread over torch's threads.
+// A thread's scratch state of one direction (forward without a backward).
 template <typename T>
-void forward_all(const Direction<T>& x, const T* gram, const T* ctx_mask, bool clipped, double lambda, T* out) {
-  const Shape& d = x.d;
-  const int64_t tile = d.ctx_len * d.row;
-  const bool save = x.w != nullptr;  // without a backward, w and G w live in per-thread scratch tiles
-  at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
-    std::vector<T> scores(tile), scale_row(d.row), scratch(save ? 0 : 2 * tile), gathered(x.transposed ? tile : 0);
-    for (int64_t b = first; b < end; ++b) {
-      const T* raw_item = x.raw + b * tile;
-      if (x.transposed) {
-        gather_transposed(d.transposed(), x.raw, b, gathered.data());
-        raw_item = gathered.data();
-      }
-      T* w_item = save ? x.w + b * tile : scratch.data();
-      T* gram_w_item = save ? x.gram_w + b * tile : scratch.data() + tile;
-      forward_item<T>(d, raw_item, gram + b * d.ctx_len * d.ctx_len, x.query_mask, ctx_mask + b * d.ctx_len,
-                      clipped, T(lambda), scores.data(), scale_row.data(), x.scale + b * d.ctx_len * d.n_query,
-                      w_item, gram_w_item, x.dot + b * d.row, x.att + b * d.row);
-      mean_cosines<T>(d, x.dot + b * d.row, x.att + b * d.row, x.query_sq, x.query_mask, out + b * d.n_query);
-    }
-  });
-}
-
-// One thread's flat-axis work rows of backward_item.
-template <typename T>
-struct BackwardScratch {
-  std::vector<T> grad_dot, grad_att, weighted_sum, buffer, products, along_row, scale_row;
-  explicit BackwardScratch(int64_t row)
-      : grad_dot(row), grad_att(row), weighted_sum(row), buffer(row), products(row), along_row(row), scale_row(row) {}
+struct ScratchState {
+  std::vector<T> buffer;
+  TileState<T> view;
+  ScratchState(const Dims& d, int64_t context_len, int64_t query_len)
+      : buffer(2 * d.tile + (context_len + 2 * query_len) * W) {
+    T* p = buffer.data();
+    view = {p, p + d.tile, p + 2 * d.tile, p + 2 * d.tile + context_len * W,
+            p + 2 * d.tile + (context_len + query_len) * W};
+  }
 };
 
-// Gradients of one context item: raw (its tile), Gram (Lc x Lc) and the per-item part of the query norms'.
+// Sums of lane-wise products out_i = sum_j coef(i, j, lane) w(j)[lane] (the Gram products and their gradients)
+// of n_out outputs, j ascending, handed to sink(i, out_i) in the order of i. R outputs at a time: R independent
+// multiply-add chains hide each one's latency.
+template <typename T, typename Coef, typename Vectors, typename Sink>
+inline void lane_products(int64_t n_out, int64_t n_in, Coef coef, Vectors w, Sink sink) {
+  constexpr int64_t R = 4;
+  int64_t i = 0;
+  for (; i + R <= n_out; i += R) {
+    T acc[R][W] = {};
+    for (int64_t j = 0; j < n_in; ++j) {
+      const T* wj = w(j);
+      for (int64_t r = 0; r < R; ++r) FOR_LANES(c) acc[r][c] += coef(i + r, j, c) * wj[c];
+    }
+    for (int64_t r = 0; r < R; ++r) sink(i + r, acc[r]);
+  }
+  for (; i < n_out; ++i) {
+    T acc[W] = {};
+    for (int64_t j = 0; j < n_in; ++j) {
+      const T* wj = w(j);
+      FOR_LANES(c) acc[c] += coef(i, j, c) * wj[c];
+    }
+    sink(i, acc);
+  }
+}
+
+// ---- forward ----
+
+// att(Q = the block's columns, C = row item) of one tile: softmax over k of lambda s_kl / |s_k. + eps| (the norm
+// over each column's positions l), <Q_l, v_l> = sum_k w_kl raw_kl, |v_l|^2 = w_l^T G w_l, mean over l of cos.
 template <typename T>
-void backward_item(const Shape& d, const T* grad_out, const T* raw, const T* query_sq, const T* query_mask,
-                   const T* inv_count, const T* w, const T* gram_w, const T* scale, const T* dot, const T* att,
-                   bool clipped, T lambda, T* grad_raw, T* grad_gram, T* grad_query_sq, BackwardScratch<T>& scratch) {
-  const int64_t row = d.row, len = d.query_len, lc = d.ctx_len;
-  T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
-  T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data(), *products = scratch.products.data();
-  T *along_row = scratch.along_row.data(), *scale_row = scratch.scale_row.data();
+void forward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
+                             T lambda, const TileState<T>& x, T* out) {
+  const int64_t lr = d.row_len, lq = d.col_len;
   const T eps = T(kL2Eps), eps_sq = T(kCosineEps * kCosineEps);
+  for (int64_t k = 0; k < lr; ++k) {
+    T sq[W] = {};
+    for (int64_t l = 0; l < lq; ++l) {
+      const T *sk = s + d.tile_of(k, l), *m = col.mask + l * W;
+      FOR_LANES(c) {
+        const T shifted = sk[c] + eps * m[c];
+        sq[c] += shifted * shifted;
+      }
+    }
+    FOR_LANES(c) x.scale[k * W + c] = lambda / std::sqrt(sq[c]);
+  }
+  T* inv_sum = x.att;  // the softmax denominators live in att's buffer until att is computed
+  std::fill(inv_sum, inv_sum + lq * W, T(0));
+  for (int64_t k = 0; k < lr; ++k) {
+    const T *f = x.scale + k * W, present = row.mask[k];
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      FOR_LANES(c) {
+        const T e = vector_exp(s[at + c] * f[c]) * present;  // logits lie in [-lambda, lambda]: no max shift
+        x.w[at + c] = e;
+        inv_sum[l * W + c] += e;
+      }
+    }
+  }
+  for (int64_t i = 0; i < lq * W; ++i) {
+    inv_sum[i] = T(1) / inv_sum[i];
+    x.dot[i] = 0;
+  }
+  for (int64_t k = 0; k < lr; ++k)
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      FOR_LANES(c) {
+        x.w[at + c] *= inv_sum[l * W + c];
+        x.dot[l * W + c] += x.w[at + c] * raw[at + c];
+      }
+    }
+  for (int64_t l = 0; l < lq; ++l) {
+    T att[W] = {};
+    lane_products<T>(
+        lr, lr, [&](int64_t k, int64_t j, int64_t) { return row.gram[k * lr + j]; },
+        [&](int64_t j) { return x.w + d.tile_of(j, l); },
+        [&](int64_t k, const T* gw) {
+          const T* wk = x.w + d.tile_of(k, l);
+          T* gk = x.gram_w + d.tile_of(k, l);
+          FOR_LANES(c) {
+            gk[c] = gw[c];
+            att[c] += wk[c] * gw[c];
+          }
+        });
+    FOR_LANES(c) x.att[l * W + c] = att[c];
+  }
+  T total[W] = {};
+  for (int64_t l = 0; l < lq; ++l) {
+    const T *dot = x.dot + l * W, *att = x.att + l * W, *sq = col.sq + l * W, *m = col.mask + l * W;
+    FOR_LANES(c) {
+      const T product = sq[c] * att[c];  // cos = dot / max(|Q| |v|, eps)
+      total[c] += dot[c] / std::sqrt(product > eps_sq ? product : eps_sq) * m[c];
+    }
+  }
+  FOR_LANES(c) out[c] = total[c] / col.count[c];
+}
+
+// att(Q = row item, C = each of the block's columns) of one tile: softmax over l of lambda s_kl / |s_.l + eps|
+// (the norm over the row's positions k), G the column's Gram matrix, mean over k of cos; added to out.
+template <typename T>
+void forward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
+                             T lambda, const TileState<T>& x, T* out) {
+  const int64_t lr = d.row_len, lq = d.col_len;
+  const T eps = T(kL2Eps), eps_sq = T(kCosineEps * kCosineEps);
+  T* sq = x.scale;
+  std::fill(sq, sq + lq * W, T(0));
+  for (int64_t k = 0; k < lr; ++k) {
+    const T shift = eps * row.mask[k];
+    for (int64_t l = 0; l < lq; ++l) {
+      const T* sk = s + d.tile_of(k, l);
+      FOR_LANES(c) {
+        const T shifted = sk[c] + shift;
+        sq[l * W + c] += shifted * shifted;
+      }
+    }
+  }
+  for (int64_t i = 0; i < lq * W; ++i) x.scale[i] = lambda / std::sqrt(sq[i]);
+  for (int64_t k = 0; k < lr; ++k) {
+    T sum[W] = {}, dot[W] = {};
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      const T *f = x.scale + l * W, *m = col.mask + l * W;
+      FOR_LANES(c) {
+        const T e = vector_exp(s[at + c] * f[c]) * m[c];
+        x.w[at + c] = e;
+        sum[c] += e;
+      }
+    }
+    FOR_LANES(c) sum[c] = T(1) / sum[c];
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      FOR_LANES(c) {
+        x.w[at + c] *= sum[c];
+        dot[c] += x.w[at + c] * raw[at + c];
+      }
+    }
+    FOR_LANES(c) x.dot[k * W + c] = dot[c];
+  }
+  for (int64_t k = 0; k < lr; ++k) {
+    T att[W] = {};
+    lane_products<T>(
+        lq, lq, [&](int64_t l, int64_t j, int64_t c) { return col.gram[(l * lq + j) * W + c]; },
+        [&](int64_t j) { return x.w + d.tile_of(k, j); },
+        [&](int64_t l, const T* gw) {
+          const T* wl = x.w + d.tile_of(k, l);
+          T* gl = x.gram_w + d.tile_of(k, l);
+          FOR_LANES(c) {
+            gl[c] = gw[c];
+            att[c] += wl[c] * gw[c];
+          }
+        });
+    FOR_LANES(c) x.att[k * W + c] = att[c];
+  }
+  T total[W] = {};
+  for (int64_t k = 0; k < lr; ++k) {
+    const T *dot = x.dot + k * W, *att = x.att + k * W, sq_k = row.sq[k], m = row.mask[k];
+    FOR_LANES(c) {
+      const T product = sq_k * att[c];
+      total[c] += dot[c] / std::sqrt(product > eps_sq ? product : eps_sq) * m;
+    }
+  }
+  FOR_LANES(c) out[c] += total[c] / row.count;
+}
+
+// The directions one call computes, and their state.
+struct Directions {
+  bool rows_as_context, cols_as_context;
+  std::vector<at::Tensor> rows_state, cols_state;  // new_state of each (empty vectors where not computed)
+};
+
+template <typename T>
+void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns<T>& cols, bool clipped,
+                 double lambda, bool save, Directions& dirs, T* out) {
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
-  for (int64_t a = 0; a < d.n_query; ++a) {
-    const T g = grad_out[a] * inv_count[a];
-    for (int64_t l = a * len; l < (a + 1) * len; ++l) grad_dot[l] = g * query_mask[l];  // dL/dcos_l
-  }
-#pragma omp simd
-  for (int64_t l = 0; l < row; ++l) {
-    const T grad_cos = grad_dot[l];
-    const T product = query_sq[l] * att[l];
+  at::parallel_for(0, d.n_rows * d.blocks, 1, [&](int64_t first, int64_t end) {
+    std::vector<T> tile(d.tile), scores(d.tile), tile_out(W);
+    ScratchState<T> rows_scratch(d, d.row_len, d.col_len), cols_scratch(d, d.col_len, d.row_len);
+    for (int64_t t = first; t < end; ++t) {
+      const int64_t b = t / d.blocks, q = t % d.blocks;
+      const Row<T> row = rows.item(d, b);
+      const Block<T> col = block_of(cols, q);
+      load_tile(d, raw, b, q, tile.data());
+      leaky_tile(d, tile.data(), negative_slope, scores.data());
+      std::fill(tile_out.begin(), tile_out.end(), T(0));
+      if (dirs.rows_as_context)
+        forward_rows_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
+                                save ? saved_state<T>(dirs.rows_state, t) : rows_scratch.view, tile_out.data());
+      if (dirs.cols_as_context)
+        forward_cols_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
+                                save ? saved_state<T>(dirs.cols_state, t) : cols_scratch.view, tile_out.data());
+      const int64_t lanes = std::min(W, d.n_cols - q * W);
+      std::copy(tile_out.begin(), tile_out.begin() + lanes, out + b * d.n_cols + q * W);
+    }
+  });
+}
+
+// ---- backward ----
+
+// A thread's backward buffers: the tile, its scores and gradient, and per-query / per-context rows.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> tile, scores, grad, logits, grad_dot, grad_att, weighted_sum, along, buffer;
+  BackwardScratch(const Dims& d)
+      : tile(d.tile), scores(d.tile), grad(d.tile), logits(d.tile), grad_dot(std::max(d.row_len, d.col_len) * W),
+        grad_att(grad_dot.size()), weighted_sum(grad_dot.size()), along(grad_dot.size()), buffer(d.tile) {}
+};
+
+// The per-query-position part of the cosine's backward: dL/d<Q, v>, dL/d|v|^2, their w-weighted sum for the
+// softmax, and dL/d|Q|^2 (grad_sq, a product the callers sum: no multiply-add fused into their sums) for one
+// query position of W lanes. g: dL/dcos of each lane.
+template <typename T>
+inline void cosine_backward(const T* g, const T* dot, const T* att, const T* sq, const T* mask, T* grad_dot,
+                            T* grad_att, T* weighted_sum, T* grad_sq) {
+  const T eps_sq = T(kCosineEps * kCosineEps);
+  FOR_LANES(c) {
+    const T grad_cos = g[c] * mask[c];
+    const T product = sq[c] * att[c];
     const T norm_product = std::sqrt(product > eps_sq ? product : eps_sq);
-    grad_dot[l] = grad_cos / norm_product;
+    grad_dot[c] = grad_cos / norm_product;
     // d / d(|Q|^2 |v|^2), zero where the clamp holds
-    const T grad_product = product > eps_sq ? -grad_cos * dot[l] / (norm_product * norm_product * norm_product) / 2
-                                            : T(0);
-    grad_query_sq[l] = grad_product * att[l];
-    grad_att[l] = grad_product * query_sq[l];
-    weighted_sum[l] = grad_dot[l] * dot[l] + 2 * grad_att[l] * att[l];
+    const T grad_product =
+        product > eps_sq ? -grad_cos * dot[c] / (norm_product * norm_product * norm_product) / 2 : T(0);
+    grad_sq[c] = grad_product * att[c];
+    grad_att[c] = grad_product * sq[c];
+    weighted_sum[c] = grad_dot[c] * dot[c] + 2 * grad_att[c] * att[c];
   }
-  // dL/dG = sum over l of grad_att_l w_l w_l^T, symmetric; four j at a time share the loads of buffer
-  for (int64_t k = 0; k < lc; ++k) {
-    const T* wk = w + k * row;
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) buffer[i] = wk[i] * grad_att[i];
-    int64_t j = k;
-    for (; j + 4 <= lc; j += 4) {
-      const T *w0 = w + j * row, *w1 = w0 + row, *w2 = w1 + row, *w3 = w2 + row;
-      T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-#pragma omp simd reduction(+ : acc0, acc1, acc2, acc3)
-      for (int64_t i = 0; i < row; ++i) {
-        acc0 += buffer[i] * w0[i];
-        acc1 += buffer[i] * w1[i];
-        acc2 += buffer[i] * w2[i];
-        acc3 += buffer[i] * w3[i];
-      }
-      const T accs[4] = {acc0, acc1, acc2, acc3};
-      for (int64_t q = 0; q < 4; ++q) grad_gram[k * lc + j + q] = grad_gram[(j + q) * lc + k] = accs[q];
-    }
-    for (; j < lc; ++j) {
-      const T* wj = w + j * row;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < row; ++i) acc += buffer[i] * wj[i];
-      grad_gram[k * lc + j] = acc;
-      grad_gram[j * lc + k] = acc;
-    }
+}
+
+// Gradients of one tile through att(Q = columns, C = row): written into grad (the tile's dL/draw), added to the
+// row's dL/dG (upper triangle) and to the block's dL/d|Q|^2 [l][c].
+template <typename T>
+void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
+                              T lambda, T negative_slope, const TileState<T>& x, const T* grad_out,
+                              BackwardScratch<T>& scratch, T* grad, T* grad_row_gram, T* grad_col_sq) {
+  const int64_t lr = d.row_len, lq = d.col_len;
+  const T eps = T(kL2Eps);
+  T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
+  T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data();
+  T g[W];
+  FOR_LANES(c) g[c] = grad_out[c] * col.inv_count[c];
+  for (int64_t l = 0; l < lq; ++l) {
+    T grad_sq[W];
+    cosine_backward(g, x.dot + l * W, x.att + l * W, col.sq + l * W, col.mask + l * W, grad_dot + l * W,
+                    grad_att + l * W, weighted_sum + l * W, grad_sq);
+    for (int64_t c = 0; c < W; ++c) grad_col_sq[l * W + c] += grad_sq[c];
   }
-  for (int64_t k = 0; k < lc; ++k) {
-    const T* wk = w + k * row;
-    const T* gk = gram_w + k * row;
-    const T* r = raw + k * row;
-    T* grad_logits = buffer;
-    // softmax backward: w_kl (dL/dw_kl - sum_k' w_k'l dL/dw_k'l), the sum rebuilt from dot_l and att_l
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i)
-      grad_logits[i] = (2 * grad_att[i] * gk[i] + r[i] * grad_dot[i] - weighted_sum[i]) * wk[i];
-    T* gr = grad_raw + k * row;
-    // back through the norm over l (logits_kl = lambda h_kl / n_k): the products of each query's sum, the sums in
-    // order, then one pass along the flat axis with each position's query factors
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) products[i] = grad_logits[i] * leaky(r[i], negative_slope);
-    for (int64_t a = 0; a < d.n_query; ++a) {
-      const T f = scale[k * d.n_query + a];
-      T along = 0;
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) along += products[l];
-      along *= f * f / (lambda * lambda);
-      for (int64_t l = a * len; l < (a + 1) * len; ++l) {
-        along_row[l] = along;
-        scale_row[l] = f;
+  // dL/dG_kj = sum over (l, c) of grad_att w_k w_j, symmetric
+  for (int64_t k = 0; k < lr; ++k) {
+    for (int64_t l = 0; l < lq; ++l) {
+      const T* wk = x.w + d.tile_of(k, l);
+      FOR_LANES(c) buffer[l * W + c] = wk[c] * grad_att[l * W + c];
+    }
+    lane_products<T>(
+        lr - k, lq, [&](int64_t i, int64_t l, int64_t c) { return x.w[d.tile_of(k + i, l) + c]; },
+        [&](int64_t l) { return buffer + l * W; },
+        [&](int64_t i, const T* sum) { grad_row_gram[k * lr + k + i] += lane_sum(sum); });
+  }
+  for (int64_t k = 0; k < lr; ++k) {
+    // softmax backward: w_kl (dL/dw_kl - sum_k' w_k'l dL/dw_k'l), the sum rebuilt from dot_l and att_l; then back
+    // through the norm over l (logits_kl = lambda h_kl / n_k)
+    T along[W] = {};
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      const T *gd = grad_dot + l * W, *ga = grad_att + l * W, *ws = weighted_sum + l * W;
+      FOR_LANES(c) {
+        const T logit = (2 * ga[c] * x.gram_w[at + c] + raw[at + c] * gd[c] - ws[c]) * x.w[at + c];
+        buffer[l * W + c] = logit;
+        along[c] += logit * s[at + c];
       }
     }
-#pragma omp simd
-    for (int64_t i = 0; i < row; ++i) {
-      const T grad_score = (grad_logits[i] - (leaky(r[i], negative_slope) + eps * query_mask[i]) * along_row[i]) *
-                           scale_row[i];
-      gr[i] = grad_score * (r[i] > 0 ? T(1) : negative_slope) + wk[i] * grad_dot[i];  // raw also enters dot_l directly
+    const T* f = x.scale + k * W;
+    FOR_LANES(c) along[c] *= f[c] * f[c] / (lambda * lambda);
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      const T *gd = grad_dot + l * W, *m = col.mask + l * W;
+      FOR_LANES(c) {
+        const T grad_score = (buffer[l * W + c] - (s[at + c] + eps * m[c]) * along[c]) * f[c];
+        grad[at + c] = grad_score * (raw[at + c] > 0 ? T(1) : negative_slope) + x.w[at + c] * gd[c];
+      }
     }
   }
 }
 
-// The backward of every context item of one direction: dL/draw is written into grad_raw (added to it for a
-// transposed direction, whose tiles scatter back into raw's layout), dL/dgram per item, and the per-item parts
-// of dL/dquery_sq (n_ctx, n_query, query_len).
+// Gradients of one tile through att(Q = row, C = columns): added to grad, to the block's dL/dG [l][l'][c] (upper
+// triangle) and to the row's dL/d|Q|^2.
 template <typename T>
-void backward_all(const Direction<T>& x, const T* grad_out, bool clipped, double lambda, T* grad_raw, T* grad_gram,
-                  T* grad_query_sq) {
-  const Shape& d = x.d;
-  const int64_t tile = d.ctx_len * d.row;
-  std::vector<T> inv_count(d.n_query);
-  for (int64_t a = 0; a < d.n_query; ++a) {
-    T count = 0;
-    for (int64_t l = a * d.query_len; l < (a + 1) * d.query_len; ++l) count += x.query_mask[l];
-    inv_count[a] = T(1) / count;
-  }
-  at::parallel_for(0, d.n_ctx, 1, [&](int64_t first, int64_t end) {
-    BackwardScratch<T> scratch(d.row);
-    std::vector<T> gathered(x.transposed ? tile : 0), grad_tile(x.transposed ? tile : 0);
-    for (int64_t b = first; b < end; ++b) {
-      const T* raw_item = x.raw + b * tile;
-      T* grad_item = grad_raw + b * tile;
-      if (x.transposed) {
-        gather_transposed(d.transposed(), x.raw, b, gathered.data());
-        raw_item = gathered.data();
-        grad_item = grad_tile.data();
-      }
-      backward_item<T>(d, grad_out + b * d.n_query, raw_item, x.query_sq, x.query_mask, inv_count.data(),
-                       x.w + b * tile, x.gram_w + b * tile, x.scale + b * d.ctx_len * d.n_query, x.dot + b * d.row,
-                       x.att + b * d.row, clipped, T(lambda), grad_item, grad_gram + b * d.ctx_len * d.ctx_len,
-                       grad_query_sq + b * d.row, scratch);
-      if (x.transposed) add_transposed(d.transposed(), grad_tile.data(), b, grad_raw);
+void backward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
+                              T lambda, T negative_slope, const TileState<T>& x, const T* grad_out,
+                              BackwardScratch<T>& scratch, T* grad, T* grad_col_gram, T* grad_row_sq) {
+  const int64_t lr = d.row_len, lq = d.col_len;
+  const T eps = T(kL2Eps);
+  T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
+  T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data(), *logits = scratch.logits.data();
+  T g[W], mask[W], sq[W], grad_sq[W];
+  FOR_LANES(c) g[c] = grad_out[c] * row.inv_count;
+  for (int64_t k = 0; k < lr; ++k) {
+    FOR_LANES(c) {
+      mask[c] = row.mask[k];
+      sq[c] = row.sq[k];
     }
+    cosine_backward(g, x.dot + k * W, x.att + k * W, sq, mask, grad_dot + k * W, grad_att + k * W,
+                    weighted_sum + k * W, grad_sq);
+    grad_row_sq[k] += lane_sum(grad_sq);
+  }
+  // dL/dG_ll' of each column = sum over k of grad_att w_l w_l', symmetric
+  for (int64_t k = 0; k < lr; ++k)
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      FOR_LANES(c) buffer[at + c] = x.w[at + c] * grad_att[k * W + c];
+    }
+  for (int64_t l = 0; l < lq; ++l)
+    lane_products<T>(
+        lq - l, lr, [&](int64_t i, int64_t k, int64_t c) { return x.w[d.tile_of(k, l + i) + c]; },
+        [&](int64_t k) { return buffer + d.tile_of(k, l); },
+        [&](int64_t i, const T* sum) {
+          T* to = grad_col_gram + (l * lq + l + i) * W;
+          FOR_LANES(c) to[c] += sum[c];
+        });
+  T* along = scratch.along.data();
+  std::fill(along, along + lq * W, T(0));
+  for (int64_t k = 0; k < lr; ++k) {
+    const T *gd = grad_dot + k * W, *ga = grad_att + k * W, *ws = weighted_sum + k * W;
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      FOR_LANES(c) {
+        const T logit = (2 * ga[c] * x.gram_w[at + c] + raw[at + c] * gd[c] - ws[c]) * x.w[at + c];
+        logits[at + c] = logit;
+        along[l * W + c] += logit * s[at + c];
+      }
+    }
+  }
+  for (int64_t i = 0; i < lq * W; ++i) along[i] *= x.scale[i] * x.scale[i] / (lambda * lambda);
+  for (int64_t k = 0; k < lr; ++k) {
+    const T *gd = grad_dot + k * W, shift = eps * row.mask[k];
+    for (int64_t l = 0; l < lq; ++l) {
+      const int64_t at = d.tile_of(k, l);
+      const T *f = x.scale + l * W, *a = along + l * W;
+      FOR_LANES(c) {
+        const T grad_score = (logits[at + c] - (s[at + c] + shift) * a[c]) * f[c];
+        grad[at + c] += grad_score * (raw[at + c] > 0 ? T(1) : negative_slope) + x.w[at + c] * gd[c];
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>& rows, const Columns<T>& cols,
+                  bool clipped, double lambda, const Directions& dirs, T* grad_raw, T* grad_row_gram,
+                  T* grad_row_sq, std::vector<T>& col_gram_parts, std::vector<T>& col_sq_parts) {
+  const T negative_slope = clipped ? T(kLeakySlope) : T(1);
+  const int64_t lr = d.row_len, lq = d.col_len, parts = (d.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t gram_part = d.blocks * lq * lq * W, sq_part = d.blocks * lq * W;
+  col_gram_parts.assign(dirs.cols_as_context ? parts * gram_part : 0, T(0));
+  col_sq_parts.assign(dirs.rows_as_context ? parts * sq_part : 0, T(0));
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t end) {
+    BackwardScratch<T> scratch(d);
+    std::vector<T> upper(lr * lr), lanes_out(W);
+    for (int64_t part = first; part < end; ++part)
+      for (int64_t b = part * kRowsPerBlock; b < std::min(d.n_rows, (part + 1) * kRowsPerBlock); ++b) {
+        const Row<T> row = rows.item(d, b);
+        std::fill(upper.begin(), upper.end(), T(0));
+        if (grad_row_sq) std::fill(grad_row_sq + b * lr, grad_row_sq + (b + 1) * lr, T(0));
+        for (int64_t q = 0; q < d.blocks; ++q) {
+          const int64_t t = b * d.blocks + q, lanes = std::min(W, d.n_cols - q * W);
+          const Block<T> col = block_of(cols, q);
+          std::fill(lanes_out.begin(), lanes_out.end(), T(0));
+          std::copy(grad_out + b * d.n_cols + q * W, grad_out + b * d.n_cols + q * W + lanes, lanes_out.begin());
+          load_tile(d, raw, b, q, scratch.tile.data());
+          leaky_tile(d, scratch.tile.data(), negative_slope, scratch.scores.data());
+          std::fill(scratch.grad.begin(), scratch.grad.end(), T(0));
+          if (dirs.rows_as_context)
+            backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
+                                     negative_slope, saved_state<T>(dirs.rows_state, t), lanes_out.data(), scratch,
+                                     scratch.grad.data(), upper.data(), col_sq_parts.data() + part * sq_part + q * lq * W);
+          if (dirs.cols_as_context)
+            backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
+                                     negative_slope, saved_state<T>(dirs.cols_state, t), lanes_out.data(), scratch,
+                                     scratch.grad.data(), col_gram_parts.data() + part * gram_part + q * lq * lq * W,
+                                     grad_row_sq + b * lr);
+          store_tile(d, scratch.grad.data(), b, q, grad_raw);
+        }
+        if (grad_row_gram)
+          for (int64_t k = 0; k < lr; ++k)
+            for (int64_t j = k; j < lr; ++j)
+              grad_row_gram[(b * lr + k) * lr + j] = grad_row_gram[(b * lr + j) * lr + k] = upper[k * lr + j];
+      }
   });
+}
+
+// The columns' gradients summed over the blocks of rows, in block order, back in (n_cols, ...) layout: dL/dG
+// (mirrored from its upper triangle) and dL/d|Q|^2.
+template <typename T>
+void sum_col_gram(const Dims& d, const std::vector<T>& parts, T* out) {
+  const int64_t lq = d.col_len, part = d.blocks * lq * lq * W;
+  for (int64_t col = 0; col < d.n_cols; ++col) {
+    const int64_t q = col / W, c = col % W;
+    for (int64_t l = 0; l < lq; ++l)
+      for (int64_t j = l; j < lq; ++j) {
+        T total = 0;
+        for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p)
+          total += parts[p * part + ((q * lq + l) * lq + j) * W + c];
+        out[(col * lq + l) * lq + j] = out[(col * lq + j) * lq + l] = total;
+      }
+  }
+}
+
+template <typename T>
+void sum_col_sq(const Dims& d, const std::vector<T>& parts, T* out) {
+  const int64_t lq = d.col_len, part = d.blocks * lq * W;
+  for (int64_t col = 0; col < d.n_cols; ++col) {
+    const int64_t q = col / W, c = col % W;
+    for (int64_t l = 0; l < lq; ++l) {
+      T total = 0;
+      for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p) total += parts[p * part + (q * lq + l) * W + c];
+      out[col * lq + l] = total;
+    }
+  }
 }
 
 void check_raw(const at::Tensor& raw) {
-  TORCH_CHECK(raw.dim() == 4 && raw.is_contiguous() && raw.device().is_cpu(), "raw: contiguous (nC, Lc, nQ, Lq) on CPU");
+  TORCH_CHECK(raw.dim() == 4 && (raw.is_contiguous() || position_major(raw)) && raw.device().is_cpu(),
+              "raw: (nR, Lr, nC, Lc) on CPU, contiguous or a transpose(2, 3) of a contiguous tensor");
 }
 
-// The inputs of one direction of scores of shape d (raw checked by check_raw).
-void check_direction(const Shape& d, at::ScalarType dtype, const at::Tensor& gram, const at::Tensor& query_sq,
-                     const at::Tensor& query_mask, const at::Tensor& ctx_mask) {
-  TORCH_CHECK(gram.is_contiguous() && gram.sizes() == at::IntArrayRef({d.n_ctx, d.ctx_len, d.ctx_len}) &&
-              gram.scalar_type() == dtype, "gram: contiguous (nC, Lc, Lc) of raw's dtype");
-  for (const auto* t : {&query_sq, &query_mask})
-    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({d.n_query, d.query_len}) &&
-                t->scalar_type() == dtype, "query norms and mask: contiguous (nQ, Lq) of raw's dtype");
-  TORCH_CHECK(ctx_mask.is_contiguous() && ctx_mask.sizes() == at::IntArrayRef({d.n_ctx, d.ctx_len}) &&
-              ctx_mask.scalar_type() == dtype, "context mask: contiguous (nC, Lc) of raw's dtype");
+// A tensor shaped and laid out as raw, for its gradient.
+at::Tensor like_raw(const at::Tensor& raw) {
+  return position_major(raw) ? at::empty_like(raw.transpose(2, 3)).transpose(2, 3) : at::empty_like(raw);
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.is_contiguous() && t.sizes() == shape && t.scalar_type() == dtype, what, ": contiguous ", shape,
+              " of raw's dtype");
 }
 
 }  // namespace
 
-// (out (nC, nQ), and the state backward needs: w, G w (empty unless save), scale, dot, att).
+// One direction, att(Q = column, C = row) of raw (nC_context, Lc, nQ, Lq): out (nC_context, nQ) and the state
+// backward needs (5 tensors, empty unless save).
 std::vector<at::Tensor> forward(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
                                 const at::Tensor& query_mask, const at::Tensor& ctx_mask, bool clipped,
                                 double lambda, bool save) {
   check_raw(raw);
-  const Shape d(raw);
-  check_direction(d, raw.scalar_type(), gram, query_sq, query_mask, ctx_mask);
-  auto out = at::empty({d.n_ctx, d.n_query}, raw.options());
-  auto state = new_state(d, save, raw.options());
-  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_forward", [&] {
-    forward_all<scalar_t>(direction<scalar_t>(d, false, raw, query_sq, query_mask, state), gram.data_ptr<scalar_t>(),
-                          ctx_mask.data_ptr<scalar_t>(), clipped, lambda, out.data_ptr<scalar_t>());
+  const Dims d(raw);
+  const auto dtype = raw.scalar_type();
+  check_shape(gram, {d.n_rows, d.row_len, d.row_len}, dtype, "gram");
+  check_shape(query_sq, {d.n_cols, d.col_len}, dtype, "query norms");
+  check_shape(query_mask, {d.n_cols, d.col_len}, dtype, "query mask");
+  check_shape(ctx_mask, {d.n_rows, d.row_len}, dtype, "context mask");
+  auto out = at::empty({d.n_rows, d.n_cols}, raw.options());
+  Directions dirs{true, false, new_state(d, save, d.row_len, d.col_len, raw.options()), {}};
+  AT_DISPATCH_FLOATING_TYPES(dtype, "l2_attention_forward", [&] {
+    const Rows<scalar_t> rows{gram.data_ptr<scalar_t>(), nullptr, ctx_mask.data_ptr<scalar_t>()};
+    const Columns<scalar_t> cols(d, query_sq.data_ptr<scalar_t>(), query_mask.data_ptr<scalar_t>(), nullptr);
+    forward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), rows, cols, clipped, lambda, save, dirs,
+                          out.data_ptr<scalar_t>());
   });
-  state.insert(state.begin(), out);
-  return state;
+  std::vector<at::Tensor> result{out};
+  result.insert(result.end(), dirs.rows_state.begin(), dirs.rows_state.end());
+  return result;
 }
 
 // (dL/draw, dL/dgram, dL/dquery_sq) from dL/dout and forward's state.
@@ -361,43 +675,51 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& r
                                  const at::Tensor& scale, const at::Tensor& dot, const at::Tensor& att, bool clipped,
                                  double lambda) {
   const at::Tensor grad = grad_out.contiguous();
-  const Shape d(raw);
-  auto grad_raw = at::empty_like(raw);
-  auto grad_gram = at::empty({d.n_ctx, d.ctx_len, d.ctx_len}, raw.options());
-  auto grad_query_sq = at::empty({d.n_ctx, d.n_query, d.query_len}, raw.options());
+  const Dims d(raw);
+  auto grad_raw = like_raw(raw);
+  auto grad_gram = at::empty({d.n_rows, d.row_len, d.row_len}, raw.options());
+  auto grad_query_sq = at::empty({d.n_cols, d.col_len}, raw.options());
+  const Directions dirs{true, false, {w, gram_w, scale, dot, att}, {}};
+  auto ctx_mask = at::ones({d.n_rows, d.row_len}, raw.options());  // the backward reads no context mask
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_backward", [&] {
-    backward_all<scalar_t>(direction<scalar_t>(d, false, raw, query_sq, query_mask, {w, gram_w, scale, dot, att}),
-                           grad.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
-                           grad_gram.data_ptr<scalar_t>(), grad_query_sq.data_ptr<scalar_t>());
+    const Rows<scalar_t> rows{nullptr, nullptr, ctx_mask.data_ptr<scalar_t>()};
+    const Columns<scalar_t> cols(d, query_sq.data_ptr<scalar_t>(), query_mask.data_ptr<scalar_t>(), nullptr);
+    std::vector<scalar_t> col_gram_parts, col_sq_parts;
+    backward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rows, cols, clipped, lambda,
+                           dirs, grad_raw.data_ptr<scalar_t>(), grad_gram.data_ptr<scalar_t>(), nullptr,
+                           col_gram_parts, col_sq_parts);
+    sum_col_sq(d, col_sq_parts, grad_query_sq.data_ptr<scalar_t>());
   });
-  return {grad_raw, grad_gram, grad_query_sq.sum(0)};
+  return {grad_raw, grad_gram, grad_query_sq};
 }
 
 // Both directions of paired scores raw (nR, Lr, nC, Lc) in one call: out (nR, nC) = att(Q = col c, C = row r)
-// + att(Q = row r, C = col c), the second direction's tiles gathered from raw instead of a transposed copy;
-// then the state of each direction (as forward's).
+// + att(Q = row r, C = col c); then the state of each direction (as forward's).
 std::vector<at::Tensor> paired_forward(const at::Tensor& raw, const at::Tensor& row_gram, const at::Tensor& col_gram,
                                        const at::Tensor& row_sq, const at::Tensor& col_sq, const at::Tensor& row_mask,
                                        const at::Tensor& col_mask, bool clipped, double lambda, bool save) {
   check_raw(raw);
-  const Shape cols_query(raw), rows_query = cols_query.transposed();
-  check_direction(cols_query, raw.scalar_type(), row_gram, col_sq, col_mask, row_mask);
-  check_direction(rows_query, raw.scalar_type(), col_gram, row_sq, row_mask, col_mask);
-  auto out = at::empty({cols_query.n_ctx, cols_query.n_query}, raw.options());
-  auto rows_out = at::empty({rows_query.n_ctx, rows_query.n_query}, raw.options());
-  auto first = new_state(cols_query, save, raw.options()), second = new_state(rows_query, save, raw.options());
-  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_paired_forward", [&] {
-    forward_all<scalar_t>(direction<scalar_t>(cols_query, false, raw, col_sq, col_mask, first),
-                          row_gram.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>(), clipped, lambda,
+  const Dims d(raw);
+  const auto dtype = raw.scalar_type();
+  check_shape(row_gram, {d.n_rows, d.row_len, d.row_len}, dtype, "row gram");
+  check_shape(col_gram, {d.n_cols, d.col_len, d.col_len}, dtype, "column gram");
+  check_shape(row_sq, {d.n_rows, d.row_len}, dtype, "row norms");
+  check_shape(row_mask, {d.n_rows, d.row_len}, dtype, "row mask");
+  check_shape(col_sq, {d.n_cols, d.col_len}, dtype, "column norms");
+  check_shape(col_mask, {d.n_cols, d.col_len}, dtype, "column mask");
+  auto out = at::empty({d.n_rows, d.n_cols}, raw.options());
+  Directions dirs{true, true, new_state(d, save, d.row_len, d.col_len, raw.options()),
+                  new_state(d, save, d.col_len, d.row_len, raw.options())};
+  AT_DISPATCH_FLOATING_TYPES(dtype, "l2_attention_paired_forward", [&] {
+    const Rows<scalar_t> rows{row_gram.data_ptr<scalar_t>(), row_sq.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>()};
+    const Columns<scalar_t> cols(d, col_sq.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(),
+                                 col_gram.data_ptr<scalar_t>());
+    forward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), rows, cols, clipped, lambda, save, dirs,
                           out.data_ptr<scalar_t>());
-    forward_all<scalar_t>(direction<scalar_t>(rows_query, true, raw, row_sq, row_mask, second),
-                          col_gram.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(), clipped, lambda,
-                          rows_out.data_ptr<scalar_t>());
   });
-  out.add_(rows_out.t());
   std::vector<at::Tensor> result{out};
-  result.insert(result.end(), first.begin(), first.end());
-  result.insert(result.end(), second.begin(), second.end());
+  result.insert(result.end(), dirs.rows_state.begin(), dirs.rows_state.end());
+  result.insert(result.end(), dirs.cols_state.begin(), dirs.cols_state.end());
   return result;
 }
 
@@ -406,22 +728,25 @@ std::vector<at::Tensor> paired_backward(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& col_sq, const at::Tensor& row_mask,
                                         const at::Tensor& col_mask, const std::vector<at::Tensor>& first,
                                         const std::vector<at::Tensor>& second, bool clipped, double lambda) {
-  const at::Tensor grad = grad_out.contiguous(), grad_t = grad_out.t().contiguous();
-  const Shape cols_query(raw), rows_query = cols_query.transposed();
-  auto grad_raw = at::empty_like(raw);
-  auto grad_row_gram = at::empty({cols_query.n_ctx, cols_query.ctx_len, cols_query.ctx_len}, raw.options());
-  auto grad_col_gram = at::empty({rows_query.n_ctx, rows_query.ctx_len, rows_query.ctx_len}, raw.options());
-  auto grad_col_sq = at::empty({cols_query.n_ctx, cols_query.n_query, cols_query.query_len}, raw.options());
-  auto grad_row_sq = at::empty({rows_query.n_ctx, rows_query.n_query, rows_query.query_len}, raw.options());
+  const at::Tensor grad = grad_out.contiguous();
+  const Dims d(raw);
+  auto grad_raw = like_raw(raw);
+  auto grad_row_gram = at::empty({d.n_rows, d.row_len, d.row_len}, raw.options());
+  auto grad_col_gram = at::empty({d.n_cols, d.col_len, d.col_len}, raw.options());
+  auto grad_row_sq = at::empty({d.n_rows, d.row_len}, raw.options());
+  auto grad_col_sq = at::empty({d.n_cols, d.col_len}, raw.options());
+  const Directions dirs{true, true, first, second};
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_paired_backward", [&] {
-    backward_all<scalar_t>(direction<scalar_t>(cols_query, false, raw, col_sq, col_mask, first),
-                           grad.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
-                           grad_row_gram.data_ptr<scalar_t>(), grad_col_sq.data_ptr<scalar_t>());
-    backward_all<scalar_t>(direction<scalar_t>(rows_query, true, raw, row_sq, row_mask, second),
-                           grad_t.data_ptr<scalar_t>(), clipped, lambda, grad_raw.data_ptr<scalar_t>(),
-                           grad_col_gram.data_ptr<scalar_t>(), grad_row_sq.data_ptr<scalar_t>());
+    const Rows<scalar_t> rows{nullptr, row_sq.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>()};
+    const Columns<scalar_t> cols(d, col_sq.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(), nullptr);
+    std::vector<scalar_t> col_gram_parts, col_sq_parts;
+    backward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rows, cols, clipped, lambda,
+                           dirs, grad_raw.data_ptr<scalar_t>(), grad_row_gram.data_ptr<scalar_t>(),
+                           grad_row_sq.data_ptr<scalar_t>(), col_gram_parts, col_sq_parts);
+    sum_col_gram(d, col_gram_parts, grad_col_gram.data_ptr<scalar_t>());
+    sum_col_sq(d, col_sq_parts, grad_col_sq.data_ptr<scalar_t>());
   });
-  return {grad_raw, grad_row_gram, grad_col_gram, grad_row_sq.sum(0), grad_col_sq.sum(0)};
+  return {grad_raw, grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

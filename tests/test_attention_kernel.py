@@ -23,18 +23,23 @@ def values_and_grads(function, context: Fragments, query: Fragments, clipped: bo
     return [out, *torch.autograd.grad((out * projection).sum(), [raw, gram, sq_norms])]
 
 
-def kernel_both_ways(paired: bool, rows: Fragments, cols: Fragments, clipped: bool) -> list[torch.Tensor]:
+def kernel_both_ways(paired: bool, rows: Fragments, cols: Fragments, clipped: bool,
+                     position_major: bool = False) -> list[torch.Tensor]:
     """The kernel's att(Q = col, C = row) + att(Q = row, C = col) and the gradients of the raw scores, both Grams
-    and both norms for a fixed projection: from one paired call, or from two single-direction calls on the raw
-    scores and their transposed copy."""
+    and both norms for a fixed projection: from one paired call (on raw scores stored column-major, or
+    position-major as the model's packed columns give them), or from two single-direction calls on the raw scores
+    and their transposed copy."""
     kernel, raw = attention_kernel.load(), _raw_scores(rows.vectors, cols.vectors)
     row_weight, col_weight = rows.mask.to(raw.dtype), cols.mask.to(raw.dtype)
     if paired:
+        raw = raw.transpose(2, 3).contiguous().transpose(2, 3) if position_major else raw
         out, *state = kernel.paired_forward(raw, rows.gram, cols.gram, rows.sq_norms, cols.sq_norms, row_weight,
                                             col_weight, clipped, 9.0, True)
         projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
-        return [out, *kernel.paired_backward(projection, raw, rows.sq_norms, cols.sq_norms, row_weight, col_weight,
-                                             state[:5], state[5:], clipped, 9.0)]
+        grads = kernel.paired_backward(projection, raw, rows.sq_norms, cols.sq_norms, row_weight, col_weight,
+                                       state[:5], state[5:], clipped, 9.0)
+        assert grads[0].stride() == raw.stride()  # dL/draw comes in raw's layout
+        return [out, *grads]
     transposed = raw.permute(2, 3, 0, 1).contiguous()
     first, *first_state = kernel.forward(raw, rows.gram, cols.sq_norms, col_weight, row_weight, clipped, 9.0, True)
     second, *second_state = kernel.forward(transposed, cols.gram, rows.sq_norms, row_weight, col_weight, clipped, 9.0,
@@ -46,6 +51,25 @@ def kernel_both_ways(paired: bool, rows: Fragments, cols: Fragments, clipped: bo
     grad_transposed, grad_col_gram, grad_row_sq = kernel.backward(projection.T, transposed, rows.sq_norms, row_weight,
                                                                   *second_state, clipped, 9.0)
     return [out, grad_raw + grad_transposed.permute(2, 3, 0, 1), grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq]
+
+
+def tensor_op_both_ways(rows: Fragments, cols: Fragments, clipped: bool) -> list[torch.Tensor]:
+    """kernel_both_ways computed by the tensor-op form (_L2Attention, one direction at a time, autograd)."""
+    raw = _raw_scores(rows.vectors, cols.vectors).requires_grad_()
+    grams = [fragments.gram.clone().requires_grad_() for fragments in (rows, cols)]
+    sq_norms = [fragments.sq_norms.clone().requires_grad_() for fragments in (rows, cols)]
+    out = (_L2Attention.apply(raw, grams[0], sq_norms[1], cols.mask, rows.mask, clipped, 9.0)
+           + _L2Attention.apply(raw.permute(2, 3, 0, 1), grams[1], sq_norms[0], rows.mask, cols.mask, clipped, 9.0).T)
+    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    return [out, *torch.autograd.grad((out * projection).sum(), [raw, *grams, *sq_norms])]
+
+
+def many_rows_and_columns() -> tuple[Fragments, Fragments]:
+    """20 rows (three of the backward's blocks of 8 rows) against 37 columns (three blocks of 16 lanes, the last
+    one partial), both with padded items."""
+    rows = padded_fragments([9, 9, 4, 9, 7] * 4, seed=14)
+    cols = padded_fragments([(3 + 5 * i) % 11 + 1 for i in range(37)], seed=15)
+    return rows, cols
 
 
 def test_the_kernel_builds_on_this_machine() -> None:
@@ -80,6 +104,23 @@ def test_both_directions_in_one_call_give_the_bits_of_two_calls(row_lengths, col
     out, *state = attention_kernel.load().paired_forward(raw, rows.gram, cols.gram, rows.sq_norms, cols.sq_norms,
                                                          rows.mask.to(dtype), cols.mask.to(dtype), clipped, 9.0, False)
     assert state[0].numel() == 0 and state[5].numel() == 0 and torch.equal(out, paired[0])
+
+
+@pytest.mark.parametrize("position_major", [False, True])
+@pytest.mark.parametrize("clipped", [True, False])
+def test_columns_in_several_lane_blocks_and_rows_in_several_blocks_equal_the_tensor_op_form(position_major,
+                                                                                          clipped) -> None:
+    rows, cols = many_rows_and_columns()
+    fused, plain = kernel_both_ways(True, rows, cols, clipped, position_major), tensor_op_both_ways(rows, cols, clipped)
+    for name, a, b in zip(["value", "d raw", "d row gram", "d col gram", "d row norms", "d col norms"], fused, plain):
+        assert a.shape == b.shape, name
+        assert (a - b).abs().max().item() < 1e-12, name
+
+
+def test_both_layouts_of_the_raw_scores_give_the_same_bits() -> None:
+    rows, cols = many_rows_and_columns()
+    for a, b in zip(kernel_both_ways(True, rows, cols, True), kernel_both_ways(True, rows, cols, True, True)):
+        assert torch.equal(a, b)
 
 
 def test_float32_inputs_give_float32_results_close_to_float64() -> None:
@@ -150,7 +191,8 @@ def test_context_items_spread_over_threads_give_the_same_bits() -> None:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             results.append(values_and_grads(_FusedL2Attention, context, query, True)
-                           + kernel_both_ways(True, context, query, True))
+                           + kernel_both_ways(True, context, query, True)
+                           + kernel_both_ways(True, *many_rows_and_columns(), True, position_major=True))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
