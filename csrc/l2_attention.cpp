@@ -127,6 +127,16 @@ Block<T> block_of(const Columns<T>& cols, int64_t q) {
           cols.inv_count.data() + q * W};
 }
 
+// n <= W values, by whole vectors when n == W.
+template <typename T>
+inline void copy_lanes(const T* from, T* to, int64_t n) {
+  if (n == W) {
+    FOR_LANES(c) to[c] = from[c];
+  } else {
+    std::copy(from, from + n, to);
+  }
+}
+
 // tile[k][l][c] = raw[b, k, q W + c, l] (0 in spare lanes); store_tile moves a tile's gradient back.
 template <typename T>
 void load_tile(const Dims& d, const T* raw, int64_t b, int64_t q, T* tile) {
@@ -136,12 +146,7 @@ void load_tile(const Dims& d, const T* raw, int64_t b, int64_t q, T* tile) {
     for (int64_t l = 0; l < d.col_len; ++l) {
       T* to = tile + d.tile_of(k, l);
       if (d.position_major) {
-        const T* from = raw + d.raw_at(b, k, q * W, l);
-        if (lanes == W) {
-          FOR_LANES(c) to[c] = from[c];
-        } else {
-          for (int64_t c = 0; c < lanes; ++c) to[c] = from[c];
-        }
+        copy_lanes(raw + d.raw_at(b, k, q * W, l), to, lanes);
       } else {
         for (int64_t c = 0; c < lanes; ++c) to[c] = raw[d.raw_at(b, k, q * W + c, l)];
       }
@@ -155,12 +160,7 @@ void store_tile(const Dims& d, const T* tile, int64_t b, int64_t q, T* raw) {
     for (int64_t l = 0; l < d.col_len; ++l) {
       const T* from = tile + d.tile_of(k, l);
       if (d.position_major) {
-        T* to = raw + d.raw_at(b, k, q * W, l);
-        if (lanes == W) {
-          FOR_LANES(c) to[c] = from[c];
-        } else {
-          for (int64_t c = 0; c < lanes; ++c) to[c] = from[c];
-        }
+        copy_lanes(from, raw + d.raw_at(b, k, q * W, l), lanes);
       } else {
         for (int64_t c = 0; c < lanes; ++c) raw[d.raw_at(b, k, q * W + c, l)] = from[c];
       }
@@ -452,6 +452,8 @@ void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row
     T grad_sq[W];
     cosine_backward(g, x.dot + l * W, x.att + l * W, col.sq + l * W, col.mask + l * W, grad_dot + l * W,
                     grad_att + l * W, weighted_sum + l * W, grad_sq);
+    // no omp simd here: it lets the compiler fuse grad_sq's product into this sum (other bits than the sum of
+    // products the other direction takes, tests/test_attention_kernel.py)
     for (int64_t c = 0; c < W; ++c) grad_col_sq[l * W + c] += grad_sq[c];
   }
   // dL/dG_kj = sum over (l, c) of grad_att w_k w_j, symmetric
