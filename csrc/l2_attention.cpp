@@ -236,6 +236,22 @@ inline void lane_products(int64_t n_out, int64_t n_in, Coef coef, Vectors w, Sin
 
 // ---- forward ----
 
+// One query position's (G w)_i (kept in gram_w) and |v|^2 = sum_i w_i (G w)_i (into att), for the n context
+// positions whose weights stand at x.w + at(i); gram(i, j, lane) is the context's Gram matrix.
+template <typename T, typename Gram, typename At>
+inline void attended_sq_norm(int64_t n, Gram gram, At at, const TileState<T>& x, T* att) {
+  T sum[W] = {};
+  lane_products<T>(n, n, gram, [&](int64_t j) { return x.w + at(j); }, [&](int64_t i, const T* gw) {
+    const T* wi = x.w + at(i);
+    T* gi = x.gram_w + at(i);
+    FOR_LANES(c) {
+      gi[c] = gw[c];
+      sum[c] += wi[c] * gw[c];
+    }
+  });
+  FOR_LANES(c) att[c] = sum[c];
+}
+
 // att(Q = the block's columns, C = row item) of one tile: softmax over k of lambda s_kl / |s_k. + eps| (the norm
 // over each column's positions l), <Q_l, v_l> = sum_k w_kl raw_kl, |v_l|^2 = w_l^T G w_l, mean over l of cos.
 template <typename T>
@@ -279,21 +295,10 @@ void forward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row<
         x.dot[l * W + c] += x.w[at + c] * raw[at + c];
       }
     }
-  for (int64_t l = 0; l < lq; ++l) {
-    T att[W] = {};
-    lane_products<T>(
-        lr, lr, [&](int64_t k, int64_t j, int64_t) { return row.gram[k * lr + j]; },
-        [&](int64_t j) { return x.w + d.tile_of(j, l); },
-        [&](int64_t k, const T* gw) {
-          const T* wk = x.w + d.tile_of(k, l);
-          T* gk = x.gram_w + d.tile_of(k, l);
-          FOR_LANES(c) {
-            gk[c] = gw[c];
-            att[c] += wk[c] * gw[c];
-          }
-        });
-    FOR_LANES(c) x.att[l * W + c] = att[c];
-  }
+  for (int64_t l = 0; l < lq; ++l)
+    attended_sq_norm<T>(
+        lr, [&](int64_t k, int64_t j, int64_t) { return row.gram[k * lr + j]; },
+        [&](int64_t k) { return d.tile_of(k, l); }, x, x.att + l * W);
   T total[W] = {};
   for (int64_t l = 0; l < lq; ++l) {
     const T *dot = x.dot + l * W, *att = x.att + l * W, *sq = col.sq + l * W, *m = col.mask + l * W;
@@ -346,21 +351,10 @@ void forward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<
     }
     FOR_LANES(c) x.dot[k * W + c] = dot[c];
   }
-  for (int64_t k = 0; k < lr; ++k) {
-    T att[W] = {};
-    lane_products<T>(
-        lq, lq, [&](int64_t l, int64_t j, int64_t c) { return col.gram[(l * lq + j) * W + c]; },
-        [&](int64_t j) { return x.w + d.tile_of(k, j); },
-        [&](int64_t l, const T* gw) {
-          const T* wl = x.w + d.tile_of(k, l);
-          T* gl = x.gram_w + d.tile_of(k, l);
-          FOR_LANES(c) {
-            gl[c] = gw[c];
-            att[c] += wl[c] * gw[c];
-          }
-        });
-    FOR_LANES(c) x.att[k * W + c] = att[c];
-  }
+  for (int64_t k = 0; k < lr; ++k)
+    attended_sq_norm<T>(
+        lq, [&](int64_t l, int64_t j, int64_t c) { return col.gram[(l * lq + j) * W + c]; },
+        [&](int64_t l) { return d.tile_of(k, l); }, x, x.att + k * W);
   T total[W] = {};
   for (int64_t k = 0; k < lr; ++k) {
     const T *dot = x.dot + k * W, *att = x.att + k * W, sq_k = row.sq[k], m = row.mask[k];
