@@ -357,8 +357,9 @@ class _FusedPairedAttention(torch.autograd.Function):
                 grad_row_sq[r] += d_row_sq
                 grad_col_gram += d_col_gram
                 grad_col_sq += d_col_sq
-            _add_gram_and_norm_grads(grad_cols.view(col_sq.shape[::-1] + (dim,)).transpose(0, 1),
-                                     col_vectors.transpose(0, 1), grad_col_gram, grad_col_sq)
+            length, n_cols = col_vectors.shape[:2]
+            _add_gram_and_norm_grads(grad_cols.view(length, n_cols, dim).transpose(0, 1), col_vectors.transpose(0, 1),
+                                     grad_col_gram, grad_col_sq)
         _add_gram_and_norm_grads(grad_rows, rows, grad_row_gram, grad_row_sq)
         # back from the packed layout; padding positions get no gradient
         grad_cols = grad_packed.new_zeros(ctx.col_shape.numel() // dim, dim)

@@ -577,7 +577,8 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
           if (dirs.rows_as_context)
             backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
                                      negative_slope, saved_state<T>(dirs.rows_state, t), lanes_out.data(), scratch,
-                                     scratch.grad.data(), upper.data(), col_sq_parts.data() + part * sq_part + q * lq * W);
+                                     scratch.grad.data(), upper.data(),
+                                     col_sq_parts.data() + part * sq_part + q * lq * W);
           if (dirs.cols_as_context)
             backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
                                      negative_slope, saved_state<T>(dirs.cols_state, t), lanes_out.data(), scratch,
@@ -617,7 +618,8 @@ void sum_col_sq(const Dims& d, const std::vector<T>& parts, T* out) {
     const int64_t q = col / W, c = col % W;
     for (int64_t l = 0; l < lq; ++l) {
       T total = 0;
-      for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p) total += parts[p * part + (q * lq + l) * W + c];
+      for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p)
+        total += parts[p * part + (q * lq + l) * W + c];
       out[col * lq + l] = total;
     }
   }
@@ -707,7 +709,8 @@ std::vector<at::Tensor> paired_forward(const at::Tensor& raw, const at::Tensor& 
   Directions dirs{true, true, new_state(d, save, d.row_len, d.col_len, raw.options()),
                   new_state(d, save, d.col_len, d.row_len, raw.options())};
   AT_DISPATCH_FLOATING_TYPES(dtype, "l2_attention_paired_forward", [&] {
-    const Rows<scalar_t> rows{row_gram.data_ptr<scalar_t>(), row_sq.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>()};
+    const Rows<scalar_t> rows{row_gram.data_ptr<scalar_t>(), row_sq.data_ptr<scalar_t>(),
+                              row_mask.data_ptr<scalar_t>()};
     const Columns<scalar_t> cols(d, col_sq.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(),
                                  col_gram.data_ptr<scalar_t>());
     forward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), rows, cols, clipped, lambda, save, dirs,
