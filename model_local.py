@@ -369,13 +369,12 @@ class _FusedPairedAttention(torch.autograd.Function):
 
 def _group_views(groups: ColumnGroups, packed: torch.Tensor, packed_sq: torch.Tensor, packed_weight: torch.Tensor):
     """Per group: its (first, end) positions, its span of the packed rows, its packed vectors (L, n, d), and its
-    squared norms and weights (n, L)."""
+    squared norms and weights (n, L), transposed views (the kernel reads them with their strides)."""
     offset = 0
     for first, end, length in groups.bounds:
         span = slice(offset, offset + (end - first) * length)
         yield ((first, end), span, packed[span].view(length, end - first, -1),
-               packed_sq[span].view(length, end - first).T.contiguous(),
-               packed_weight[span].view(length, end - first).T.contiguous())
+               packed_sq[span].view(length, end - first).T, packed_weight[span].view(length, end - first).T)
         offset = span.stop
 
 

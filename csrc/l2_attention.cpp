@@ -67,48 +67,51 @@ struct Dims {
   }
 };
 
-// What the kernel reads of one row item: its Gram matrix (as a context), squared norms (as a query), mask.
+// What the kernel reads of one row item: its Gram matrix (as a context), squared norms and mask (as a query), and
+// its true length.
 template <typename T>
 struct Row {
   const T *gram, *sq, *mask;
-  T count, inv_count;
+  T count;
 };
 
-// The rows' inputs (gram or sq null where the rows take no such part).
+// The rows' inputs (null where the rows take no such part: a single direction reads only their Gram matrices).
 template <typename T>
 struct Rows {
   const T *gram, *sq, *mask;
   Row<T> item(const Dims& d, int64_t b) const {
-    const T* m = mask + b * d.row_len;
+    const T* m = mask ? mask + b * d.row_len : nullptr;
     T count = 0;
-    for (int64_t k = 0; k < d.row_len; ++k) count += m[k];
-    return {gram ? gram + b * d.row_len * d.row_len : nullptr, sq ? sq + b * d.row_len : nullptr, m, count,
-            T(1) / count};
+    for (int64_t k = 0; m && k < d.row_len; ++k) count += m[k];
+    return {gram ? gram + b * d.row_len * d.row_len : nullptr, sq ? sq + b * d.row_len : nullptr, m, count};
   }
 };
 
 // The columns' inputs in lane layout, built once per call: per block, sq and mask [l][c], Gram [l][l'][c] (as a
-// context), count and 1 / count [c]. Spare lanes: mask 1, norms 1, Gram 0.
+// context), true lengths [c]. sq and mask (n_cols, col_len) may have any strides (the model passes transposed
+// views of its position-major packing); Gram (n_cols, col_len, col_len) is contiguous or undefined. Spare lanes:
+// mask 1, norms 1, Gram 0.
 template <typename T>
 struct Columns {
   int64_t len;
-  std::vector<T> sq, mask, gram, count, inv_count;
-  Columns(const Dims& d, const T* sq_in, const T* mask_in, const T* gram_in)
+  std::vector<T> sq, mask, gram, count;
+  Columns(const Dims& d, const at::Tensor& sq_in, const at::Tensor& mask_in, const at::Tensor& gram_in)
       : len(d.col_len), sq(d.blocks * len * W, T(1)), mask(d.blocks * len * W, T(1)),
-        gram(gram_in ? d.blocks * len * len * W : 0, T(0)), count(d.blocks * W, T(0)), inv_count(d.blocks * W) {
+        gram(gram_in.defined() ? d.blocks * len * len * W : 0, T(0)), count(d.blocks * W, T(0)) {
+    const T *sq_at = sq_in.data_ptr<T>(), *mask_at = mask_in.data_ptr<T>();
     for (int64_t col = 0; col < d.blocks * W; ++col) {
       const int64_t q = col / W, c = col % W;
       for (int64_t l = 0; l < len; ++l) {
         const int64_t at = (q * len + l) * W + c;
         if (col < d.n_cols) {
-          if (sq_in) sq[at] = sq_in[col * len + l];
-          mask[at] = mask_in[col * len + l];
+          sq[at] = sq_at[col * sq_in.stride(0) + l * sq_in.stride(1)];
+          mask[at] = mask_at[col * mask_in.stride(0) + l * mask_in.stride(1)];
         }
         count[col] += mask[at];
       }
-      inv_count[col] = T(1) / count[col];
-      if (gram_in && col < d.n_cols)
-        for (int64_t i = 0; i < len * len; ++i) gram[(q * len * len + i) * W + c] = gram_in[col * len * len + i];
+      if (!gram.empty() && col < d.n_cols)
+        for (int64_t i = 0; i < len * len; ++i)
+          gram[(q * len * len + i) * W + c] = gram_in.data_ptr<T>()[col * len * len + i];
     }
   }
 };
@@ -116,15 +119,14 @@ struct Columns {
 // One block of columns, as Columns holds it.
 template <typename T>
 struct Block {
-  const T *sq, *mask, *gram, *count, *inv_count;
+  const T *sq, *mask, *gram, *count;
 };
 
 template <typename T>
 Block<T> block_of(const Columns<T>& cols, int64_t q) {
   const int64_t len = cols.len;
   return {cols.sq.data() + q * len * W, cols.mask.data() + q * len * W,
-          cols.gram.empty() ? nullptr : cols.gram.data() + q * len * len * W, cols.count.data() + q * W,
-          cols.inv_count.data() + q * W};
+          cols.gram.empty() ? nullptr : cols.gram.data() + q * len * len * W, cols.count.data() + q * W};
 }
 
 // n <= W values, by whole vectors when n == W.
@@ -196,13 +198,13 @@ TileState<T> saved_state(const std::vector<at::Tensor>& state, int64_t t) {
   return {p[0], p[1], p[2], p[3], p[4]};
 }
 
-// A thread's scratch state of one direction (forward without a backward).
+// A thread's scratch state of one direction, for a forward without a backward (empty when the state is saved).
 template <typename T>
 struct ScratchState {
   std::vector<T> buffer;
   TileState<T> view;
-  ScratchState(const Dims& d, int64_t context_len, int64_t query_len)
-      : buffer(2 * d.tile + (context_len + 2 * query_len) * W) {
+  ScratchState(const Dims& d, int64_t context_len, int64_t query_len, bool needed)
+      : buffer(needed ? 2 * d.tile + (context_len + 2 * query_len) * W : 0) {
     T* p = buffer.data();
     view = {p, p + d.tile, p + 2 * d.tile, p + 2 * d.tile + context_len * W,
             p + 2 * d.tile + (context_len + query_len) * W};
@@ -212,26 +214,21 @@ struct ScratchState {
 // Sums of lane-wise products out_i = sum_j coef(i, j, lane) w(j)[lane] (the Gram products and their gradients)
 // of n_out outputs, j ascending, handed to sink(i, out_i) in the order of i. R outputs at a time: R independent
 // multiply-add chains hide each one's latency.
+template <int64_t R, typename T, typename Coef, typename Vectors, typename Sink>
+inline void lane_products_from(int64_t i, int64_t n_in, Coef& coef, Vectors& w, Sink& sink) {
+  T acc[R][W] = {};
+  for (int64_t j = 0; j < n_in; ++j) {
+    const T* wj = w(j);
+    for (int64_t r = 0; r < R; ++r) FOR_LANES(c) acc[r][c] += coef(i + r, j, c) * wj[c];
+  }
+  for (int64_t r = 0; r < R; ++r) sink(i + r, acc[r]);
+}
+
 template <typename T, typename Coef, typename Vectors, typename Sink>
 inline void lane_products(int64_t n_out, int64_t n_in, Coef coef, Vectors w, Sink sink) {
-  constexpr int64_t R = 4;
   int64_t i = 0;
-  for (; i + R <= n_out; i += R) {
-    T acc[R][W] = {};
-    for (int64_t j = 0; j < n_in; ++j) {
-      const T* wj = w(j);
-      for (int64_t r = 0; r < R; ++r) FOR_LANES(c) acc[r][c] += coef(i + r, j, c) * wj[c];
-    }
-    for (int64_t r = 0; r < R; ++r) sink(i + r, acc[r]);
-  }
-  for (; i < n_out; ++i) {
-    T acc[W] = {};
-    for (int64_t j = 0; j < n_in; ++j) {
-      const T* wj = w(j);
-      FOR_LANES(c) acc[c] += coef(i, j, c) * wj[c];
-    }
-    sink(i, acc);
-  }
+  for (; i + 4 <= n_out; i += 4) lane_products_from<4, T>(i, n_in, coef, w, sink);
+  for (; i < n_out; ++i) lane_products_from<1, T>(i, n_in, coef, w, sink);
 }
 
 // ---- forward ----
@@ -366,10 +363,10 @@ void forward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<
   FOR_LANES(c) out[c] += total[c] / row.count;
 }
 
-// The directions one call computes, and their state.
+// The state of the directions one call computes: rows as context always, columns as context in paired calls.
 struct Directions {
-  bool rows_as_context, cols_as_context;
-  std::vector<at::Tensor> rows_state, cols_state;  // new_state of each (empty vectors where not computed)
+  std::vector<at::Tensor> rows_state, cols_state;  // new_state of each (cols_state empty for a single direction)
+  bool paired() const { return !cols_state.empty(); }
 };
 
 template <typename T>
@@ -378,7 +375,7 @@ void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
   at::parallel_for(0, d.n_rows * d.blocks, 1, [&](int64_t first, int64_t end) {
     std::vector<T> tile(d.tile), scores(d.tile), tile_out(W);
-    ScratchState<T> rows_scratch(d, d.row_len, d.col_len), cols_scratch(d, d.col_len, d.row_len);
+    ScratchState<T> rows_scratch(d, d.row_len, d.col_len, !save), cols_scratch(d, d.col_len, d.row_len, !save);
     for (int64_t t = first; t < end; ++t) {
       const int64_t b = t / d.blocks, q = t % d.blocks;
       const Row<T> row = rows.item(d, b);
@@ -386,10 +383,9 @@ void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns
       load_tile(d, raw, b, q, tile.data());
       leaky_tile(d, tile.data(), negative_slope, scores.data());
       std::fill(tile_out.begin(), tile_out.end(), T(0));
-      if (dirs.rows_as_context)
-        forward_rows_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
-                                save ? saved_state<T>(dirs.rows_state, t) : rows_scratch.view, tile_out.data());
-      if (dirs.cols_as_context)
+      forward_rows_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
+                              save ? saved_state<T>(dirs.rows_state, t) : rows_scratch.view, tile_out.data());
+      if (dirs.paired())
         forward_cols_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
                                 save ? saved_state<T>(dirs.cols_state, t) : cols_scratch.view, tile_out.data());
       const int64_t lanes = std::min(W, d.n_cols - q * W);
@@ -430,18 +426,33 @@ inline void cosine_backward(const T* g, const T* dot, const T* att, const T* sq,
   }
 }
 
+// dL/dlogit of a softmax weight w: w (dL/dw - sum over the context of w dL/dw), that sum rebuilt from dot and att
+// (weighted_sum); dL/dw = raw dL/d<Q, v> + 2 (G w) dL/d|v|^2.
+template <typename T>
+inline T logit_grad(T w, T gram_w, T raw, T grad_dot, T grad_att, T weighted_sum) {
+  return (2 * grad_att * gram_w + raw * grad_dot - weighted_sum) * w;
+}
+
+// dL/draw of one score: back through logit = lambda h / n with n = |h + eps| (shifted: h + eps; along: the logits'
+// gradient times h summed along the norm's axis, times f^2 / lambda^2), the leaky ReLU h = leaky(raw), and raw's
+// direct part in <Q, v>.
+template <typename T>
+inline T raw_grad(T logit_grad, T shifted, T along, T f, T raw, T negative_slope, T w, T grad_dot) {
+  return (logit_grad - shifted * along) * f * (raw > 0 ? T(1) : negative_slope) + w * grad_dot;
+}
+
 // Gradients of one tile through att(Q = columns, C = row): written into grad (the tile's dL/draw), added to the
 // row's dL/dG (upper triangle) and to the block's dL/d|Q|^2 [l][c].
 template <typename T>
-void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
-                              T lambda, T negative_slope, const TileState<T>& x, const T* grad_out,
-                              BackwardScratch<T>& scratch, T* grad, T* grad_row_gram, T* grad_col_sq) {
+void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Block<T>& col, T lambda,
+                              T negative_slope, const TileState<T>& x, const T* grad_out, BackwardScratch<T>& scratch,
+                              T* grad, T* grad_row_gram, T* grad_col_sq) {
   const int64_t lr = d.row_len, lq = d.col_len;
   const T eps = T(kL2Eps);
   T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
   T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data();
   T g[W];
-  FOR_LANES(c) g[c] = grad_out[c] * col.inv_count[c];
+  FOR_LANES(c) g[c] = grad_out[c] * (T(1) / col.count[c]);
   for (int64_t l = 0; l < lq; ++l) {
     T grad_sq[W];
     cosine_backward(g, x.dot + l * W, x.att + l * W, col.sq + l * W, col.mask + l * W, grad_dot + l * W,
@@ -469,7 +480,7 @@ void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row
       const int64_t at = d.tile_of(k, l);
       const T *gd = grad_dot + l * W, *ga = grad_att + l * W, *ws = weighted_sum + l * W;
       FOR_LANES(c) {
-        const T logit = (2 * ga[c] * x.gram_w[at + c] + raw[at + c] * gd[c] - ws[c]) * x.w[at + c];
+        const T logit = logit_grad(x.w[at + c], x.gram_w[at + c], raw[at + c], gd[c], ga[c], ws[c]);
         buffer[l * W + c] = logit;
         along[c] += logit * s[at + c];
       }
@@ -480,8 +491,8 @@ void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row
       const int64_t at = d.tile_of(k, l);
       const T *gd = grad_dot + l * W, *m = col.mask + l * W;
       FOR_LANES(c) {
-        const T grad_score = (buffer[l * W + c] - (s[at + c] + eps * m[c]) * along[c]) * f[c];
-        grad[at + c] = grad_score * (raw[at + c] > 0 ? T(1) : negative_slope) + x.w[at + c] * gd[c];
+        grad[at + c] = raw_grad(buffer[l * W + c], s[at + c] + eps * m[c], along[c], f[c], raw[at + c],
+                                negative_slope, x.w[at + c], gd[c]);
       }
     }
   }
@@ -490,15 +501,15 @@ void backward_rows_as_context(const Dims& d, const T* raw, const T* s, const Row
 // Gradients of one tile through att(Q = row, C = columns): added to grad, to the block's dL/dG [l][l'][c] (upper
 // triangle) and to the row's dL/d|Q|^2.
 template <typename T>
-void backward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, const Block<T>& col,
-                              T lambda, T negative_slope, const TileState<T>& x, const T* grad_out,
-                              BackwardScratch<T>& scratch, T* grad, T* grad_col_gram, T* grad_row_sq) {
+void backward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row<T>& row, T lambda,
+                              T negative_slope, const TileState<T>& x, const T* grad_out, BackwardScratch<T>& scratch,
+                              T* grad, T* grad_col_gram, T* grad_row_sq) {
   const int64_t lr = d.row_len, lq = d.col_len;
   const T eps = T(kL2Eps);
   T *grad_dot = scratch.grad_dot.data(), *grad_att = scratch.grad_att.data();
   T *weighted_sum = scratch.weighted_sum.data(), *buffer = scratch.buffer.data(), *logits = scratch.logits.data();
   T g[W], mask[W], sq[W], grad_sq[W];
-  FOR_LANES(c) g[c] = grad_out[c] * row.inv_count;
+  FOR_LANES(c) g[c] = grad_out[c] * (T(1) / row.count);
   for (int64_t k = 0; k < lr; ++k) {
     FOR_LANES(c) {
       mask[c] = row.mask[k];
@@ -529,7 +540,7 @@ void backward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row
     for (int64_t l = 0; l < lq; ++l) {
       const int64_t at = d.tile_of(k, l);
       FOR_LANES(c) {
-        const T logit = (2 * ga[c] * x.gram_w[at + c] + raw[at + c] * gd[c] - ws[c]) * x.w[at + c];
+        const T logit = logit_grad(x.w[at + c], x.gram_w[at + c], raw[at + c], gd[c], ga[c], ws[c]);
         logits[at + c] = logit;
         along[l * W + c] += logit * s[at + c];
       }
@@ -542,11 +553,18 @@ void backward_cols_as_context(const Dims& d, const T* raw, const T* s, const Row
       const int64_t at = d.tile_of(k, l);
       const T *f = x.scale + l * W, *a = along + l * W;
       FOR_LANES(c) {
-        const T grad_score = (logits[at + c] - (s[at + c] + shift) * a[c]) * f[c];
-        grad[at + c] += grad_score * (raw[at + c] > 0 ? T(1) : negative_slope) + x.w[at + c] * gd[c];
+        grad[at + c] += raw_grad(logits[at + c], s[at + c] + shift, a[c], f[c], raw[at + c],
+                                 negative_slope, x.w[at + c], gd[c]);
       }
     }
   }
+}
+
+// The full symmetric n x n matrix from its upper triangle.
+template <typename T>
+void mirror_upper(int64_t n, T* m) {
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t j = k + 1; j < n; ++j) m[j * n + k] = m[k * n + j];
 }
 
 template <typename T>
@@ -556,15 +574,16 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
   const int64_t lr = d.row_len, lq = d.col_len, parts = (d.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t gram_part = d.blocks * lq * lq * W, sq_part = d.blocks * lq * W;
-  col_gram_parts.assign(dirs.cols_as_context ? parts * gram_part : 0, T(0));
-  col_sq_parts.assign(dirs.rows_as_context ? parts * sq_part : 0, T(0));
+  col_gram_parts.assign(dirs.paired() ? parts * gram_part : 0, T(0));
+  col_sq_parts.assign(parts * sq_part, T(0));
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t end) {
     BackwardScratch<T> scratch(d);
-    std::vector<T> upper(lr * lr), lanes_out(W);
+    std::vector<T> lanes_out(W);
     for (int64_t part = first; part < end; ++part)
       for (int64_t b = part * kRowsPerBlock; b < std::min(d.n_rows, (part + 1) * kRowsPerBlock); ++b) {
         const Row<T> row = rows.item(d, b);
-        std::fill(upper.begin(), upper.end(), T(0));
+        T* row_gram = grad_row_gram + b * lr * lr;
+        std::fill(row_gram, row_gram + lr * lr, T(0));
         if (grad_row_sq) std::fill(grad_row_sq + b * lr, grad_row_sq + (b + 1) * lr, T(0));
         for (int64_t q = 0; q < d.blocks; ++q) {
           const int64_t t = b * d.blocks + q, lanes = std::min(W, d.n_cols - q * W);
@@ -574,53 +593,33 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
           load_tile(d, raw, b, q, scratch.tile.data());
           leaky_tile(d, scratch.tile.data(), negative_slope, scratch.scores.data());
           std::fill(scratch.grad.begin(), scratch.grad.end(), T(0));
-          if (dirs.rows_as_context)
-            backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
-                                     negative_slope, saved_state<T>(dirs.rows_state, t), lanes_out.data(), scratch,
-                                     scratch.grad.data(), upper.data(),
-                                     col_sq_parts.data() + part * sq_part + q * lq * W);
-          if (dirs.cols_as_context)
-            backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, col, T(lambda),
+          backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), col, T(lambda),
+                                   negative_slope, saved_state<T>(dirs.rows_state, t), lanes_out.data(), scratch,
+                                   scratch.grad.data(), row_gram, col_sq_parts.data() + part * sq_part + q * lq * W);
+          if (dirs.paired())
+            backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, T(lambda),
                                      negative_slope, saved_state<T>(dirs.cols_state, t), lanes_out.data(), scratch,
                                      scratch.grad.data(), col_gram_parts.data() + part * gram_part + q * lq * lq * W,
                                      grad_row_sq + b * lr);
           store_tile(d, scratch.grad.data(), b, q, grad_raw);
         }
-        if (grad_row_gram)
-          for (int64_t k = 0; k < lr; ++k)
-            for (int64_t j = k; j < lr; ++j)
-              grad_row_gram[(b * lr + k) * lr + j] = grad_row_gram[(b * lr + j) * lr + k] = upper[k * lr + j];
+        mirror_upper(lr, row_gram);
       }
   });
 }
 
-// The columns' gradients summed over the blocks of rows, in block order, back in (n_cols, ...) layout: dL/dG
-// (mirrored from its upper triangle) and dL/d|Q|^2.
+// A column gradient summed over the blocks of rows, in block order: parts [part][block][i][c] (per_col values i of
+// each column) into out (n_cols, per_col).
 template <typename T>
-void sum_col_gram(const Dims& d, const std::vector<T>& parts, T* out) {
-  const int64_t lq = d.col_len, part = d.blocks * lq * lq * W;
+void sum_over_row_blocks(const Dims& d, const std::vector<T>& parts, int64_t per_col, T* out) {
+  const int64_t part = d.blocks * per_col * W;
   for (int64_t col = 0; col < d.n_cols; ++col) {
     const int64_t q = col / W, c = col % W;
-    for (int64_t l = 0; l < lq; ++l)
-      for (int64_t j = l; j < lq; ++j) {
-        T total = 0;
-        for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p)
-          total += parts[p * part + ((q * lq + l) * lq + j) * W + c];
-        out[(col * lq + l) * lq + j] = out[(col * lq + j) * lq + l] = total;
-      }
-  }
-}
-
-template <typename T>
-void sum_col_sq(const Dims& d, const std::vector<T>& parts, T* out) {
-  const int64_t lq = d.col_len, part = d.blocks * lq * W;
-  for (int64_t col = 0; col < d.n_cols; ++col) {
-    const int64_t q = col / W, c = col % W;
-    for (int64_t l = 0; l < lq; ++l) {
+    for (int64_t i = 0; i < per_col; ++i) {
       T total = 0;
       for (int64_t p = 0; p * part < static_cast<int64_t>(parts.size()); ++p)
-        total += parts[p * part + (q * lq + l) * W + c];
-      out[col * lq + l] = total;
+        total += parts[p * part + (q * per_col + i) * W + c];
+      out[col * per_col + i] = total;
     }
   }
 }
@@ -635,9 +634,19 @@ at::Tensor like_raw(const at::Tensor& raw) {
   return position_major(raw) ? at::empty_like(raw.transpose(2, 3)).transpose(2, 3) : at::empty_like(raw);
 }
 
-void check_shape(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* what) {
-  TORCH_CHECK(t.is_contiguous() && t.sizes() == shape && t.scalar_type() == dtype, what, ": contiguous ", shape,
-              " of raw's dtype");
+// A (contiguous, unless strided) input of this shape and raw's dtype.
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* what,
+                 bool strided = false) {
+  TORCH_CHECK((strided || t.is_contiguous()) && t.sizes() == shape && t.scalar_type() == dtype, what, ": ",
+              strided ? "" : "contiguous ", shape, " of raw's dtype");
+}
+
+// The columns' dL/dG, summed over the blocks of rows and mirrored from its upper triangle.
+template <typename T>
+void sum_col_gram(const Dims& d, const std::vector<T>& parts, T* out) {
+  const int64_t len = d.col_len;
+  sum_over_row_blocks(d, parts, len * len, out);
+  for (int64_t col = 0; col < d.n_cols; ++col) mirror_upper(len, out + col * len * len);
 }
 
 }  // namespace
@@ -651,14 +660,14 @@ std::vector<at::Tensor> forward(const at::Tensor& raw, const at::Tensor& gram, c
   const Dims d(raw);
   const auto dtype = raw.scalar_type();
   check_shape(gram, {d.n_rows, d.row_len, d.row_len}, dtype, "gram");
-  check_shape(query_sq, {d.n_cols, d.col_len}, dtype, "query norms");
-  check_shape(query_mask, {d.n_cols, d.col_len}, dtype, "query mask");
+  check_shape(query_sq, {d.n_cols, d.col_len}, dtype, "query norms", true);
+  check_shape(query_mask, {d.n_cols, d.col_len}, dtype, "query mask", true);
   check_shape(ctx_mask, {d.n_rows, d.row_len}, dtype, "context mask");
   auto out = at::empty({d.n_rows, d.n_cols}, raw.options());
-  Directions dirs{true, false, new_state(d, save, d.row_len, d.col_len, raw.options()), {}};
+  Directions dirs{new_state(d, save, d.row_len, d.col_len, raw.options()), {}};
   AT_DISPATCH_FLOATING_TYPES(dtype, "l2_attention_forward", [&] {
     const Rows<scalar_t> rows{gram.data_ptr<scalar_t>(), nullptr, ctx_mask.data_ptr<scalar_t>()};
-    const Columns<scalar_t> cols(d, query_sq.data_ptr<scalar_t>(), query_mask.data_ptr<scalar_t>(), nullptr);
+    const Columns<scalar_t> cols(d, query_sq, query_mask, at::Tensor());
     forward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), rows, cols, clipped, lambda, save, dirs,
                           out.data_ptr<scalar_t>());
   });
@@ -677,16 +686,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& r
   auto grad_raw = like_raw(raw);
   auto grad_gram = at::empty({d.n_rows, d.row_len, d.row_len}, raw.options());
   auto grad_query_sq = at::empty({d.n_cols, d.col_len}, raw.options());
-  const Directions dirs{true, false, {w, gram_w, scale, dot, att}, {}};
-  auto ctx_mask = at::ones({d.n_rows, d.row_len}, raw.options());  // the backward reads no context mask
+  const Directions dirs{{w, gram_w, scale, dot, att}, {}};
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_backward", [&] {
-    const Rows<scalar_t> rows{nullptr, nullptr, ctx_mask.data_ptr<scalar_t>()};
-    const Columns<scalar_t> cols(d, query_sq.data_ptr<scalar_t>(), query_mask.data_ptr<scalar_t>(), nullptr);
+    const Rows<scalar_t> rows{nullptr, nullptr, nullptr};  // the backward reads no context mask
+    const Columns<scalar_t> cols(d, query_sq, query_mask, at::Tensor());
     std::vector<scalar_t> col_gram_parts, col_sq_parts;
     backward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rows, cols, clipped, lambda,
                            dirs, grad_raw.data_ptr<scalar_t>(), grad_gram.data_ptr<scalar_t>(), nullptr,
                            col_gram_parts, col_sq_parts);
-    sum_col_sq(d, col_sq_parts, grad_query_sq.data_ptr<scalar_t>());
+    sum_over_row_blocks(d, col_sq_parts, d.col_len, grad_query_sq.data_ptr<scalar_t>());
   });
   return {grad_raw, grad_gram, grad_query_sq};
 }
@@ -703,16 +711,15 @@ std::vector<at::Tensor> paired_forward(const at::Tensor& raw, const at::Tensor& 
   check_shape(col_gram, {d.n_cols, d.col_len, d.col_len}, dtype, "column gram");
   check_shape(row_sq, {d.n_rows, d.row_len}, dtype, "row norms");
   check_shape(row_mask, {d.n_rows, d.row_len}, dtype, "row mask");
-  check_shape(col_sq, {d.n_cols, d.col_len}, dtype, "column norms");
-  check_shape(col_mask, {d.n_cols, d.col_len}, dtype, "column mask");
+  check_shape(col_sq, {d.n_cols, d.col_len}, dtype, "column norms", true);
+  check_shape(col_mask, {d.n_cols, d.col_len}, dtype, "column mask", true);
   auto out = at::empty({d.n_rows, d.n_cols}, raw.options());
-  Directions dirs{true, true, new_state(d, save, d.row_len, d.col_len, raw.options()),
+  Directions dirs{new_state(d, save, d.row_len, d.col_len, raw.options()),
                   new_state(d, save, d.col_len, d.row_len, raw.options())};
   AT_DISPATCH_FLOATING_TYPES(dtype, "l2_attention_paired_forward", [&] {
     const Rows<scalar_t> rows{row_gram.data_ptr<scalar_t>(), row_sq.data_ptr<scalar_t>(),
                               row_mask.data_ptr<scalar_t>()};
-    const Columns<scalar_t> cols(d, col_sq.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(),
-                                 col_gram.data_ptr<scalar_t>());
+    const Columns<scalar_t> cols(d, col_sq, col_mask, col_gram);
     forward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), rows, cols, clipped, lambda, save, dirs,
                           out.data_ptr<scalar_t>());
   });
@@ -734,16 +741,16 @@ std::vector<at::Tensor> paired_backward(const at::Tensor& grad_out, const at::Te
   auto grad_col_gram = at::empty({d.n_cols, d.col_len, d.col_len}, raw.options());
   auto grad_row_sq = at::empty({d.n_rows, d.row_len}, raw.options());
   auto grad_col_sq = at::empty({d.n_cols, d.col_len}, raw.options());
-  const Directions dirs{true, true, first, second};
+  const Directions dirs{first, second};
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "l2_attention_paired_backward", [&] {
     const Rows<scalar_t> rows{nullptr, row_sq.data_ptr<scalar_t>(), row_mask.data_ptr<scalar_t>()};
-    const Columns<scalar_t> cols(d, col_sq.data_ptr<scalar_t>(), col_mask.data_ptr<scalar_t>(), nullptr);
+    const Columns<scalar_t> cols(d, col_sq, col_mask, at::Tensor());
     std::vector<scalar_t> col_gram_parts, col_sq_parts;
     backward_all<scalar_t>(d, raw.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rows, cols, clipped, lambda,
                            dirs, grad_raw.data_ptr<scalar_t>(), grad_row_gram.data_ptr<scalar_t>(),
                            grad_row_sq.data_ptr<scalar_t>(), col_gram_parts, col_sq_parts);
     sum_col_gram(d, col_gram_parts, grad_col_gram.data_ptr<scalar_t>());
-    sum_col_sq(d, col_sq_parts, grad_col_sq.data_ptr<scalar_t>());
+    sum_over_row_blocks(d, col_sq_parts, d.col_len, grad_col_sq.data_ptr<scalar_t>());
   });
   return {grad_raw, grad_row_gram, grad_col_gram, grad_row_sq, grad_col_sq};
 }
