@@ -1,4 +1,5 @@
-"""The fused CPU kernel of the local cross-attention (csrc/l2_attention.cpp), built on first use.
+"""The fused CPU kernel of the local cross-attention (csrc/l2_attention.cpp, csrc/paired_groups.cpp), built on
+first use.
 
 torch's C++ extension loader compiles it once per machine into ~/.cache/torch_extensions (about a minute;
 later processes load the cached library in a second). Without a C++ compiler, or with
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "l2_attention.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("l2_attention.cpp", "paired_groups.cpp")]
 # -march=native: the cached library is built for this CPU, so its name carries the CPU's identity below
 # (torch's loader itself rebuilds it when the source or the flags change).
 # -fno-math-errno / -fno-trapping-math: exp and the branches of the leaky ReLU and clamps vectorise (also on
@@ -53,8 +54,9 @@ def load() -> ModuleType | None:
 
 def _compile(threads_flag: str, suffix: str = "") -> ModuleType:
     from torch.utils import cpp_extension
-    return cpp_extension.load(name=f"m2hse_l2_attention_{_cpu_identity()}{suffix}", sources=[str(SOURCE)],
-                              extra_cflags=[*CFLAGS, threads_flag], extra_ldflags=["-lmvec"], verbose=False)
+    return cpp_extension.load(name=f"m2hse_l2_attention_{_cpu_identity()}{suffix}",
+                              sources=[str(source) for source in SOURCES], extra_cflags=[*CFLAGS, threads_flag],
+                              extra_ldflags=["-lmvec"], verbose=False)
 
 
 def _compile_for_torch_threads() -> ModuleType:

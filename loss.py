@@ -6,11 +6,6 @@ import torch
 from metrics import relevance  # positives: the relevant pairs of the batch
 
 
-def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp over the masked entries; rows with no entry give -inf."""
-    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1)
-
-
 def _mine(sims: torch.Tensor, pos: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positives and negatives of each row (masks), mined on the unmined sets."""
     with torch.no_grad():
@@ -25,19 +20,37 @@ def msb_loss(sims: torch.Tensor, labels: torch.Tensor, gamma_1: float = 1.0, gam
 
     sims may be a stack (..., B, B) of matrices of the same batch: one loss per matrix, in fewer tensor ops.
     """
-    pos = relevance(labels, labels).to(sims.device)
-    sims_t = sims.transpose(-1, -2)
-    keep_pos_r, keep_neg_r = _mine(sims, pos, delta)
-    keep_pos_c, keep_neg_c = _mine(sims_t, pos.T, delta)
-    valid = keep_pos_r.any(-1) & keep_neg_r.any(-1) & keep_pos_c.any(-1) & keep_neg_c.any(-1)
-    # Skipped anchors get a full mask so their (unused) log-sum-exp stays finite and grads stay 0.
-    full = ~valid[..., None]
-    total = 0
-    for s, keep_pos, keep_neg in ((sims, keep_pos_r, keep_neg_r), (sims_t, keep_pos_c, keep_neg_c)):
-        pos_term = _masked_logsumexp(gamma_2 - gamma_1 * s, keep_pos | full)
-        neg_term = _masked_logsumexp(gamma_1 * s - gamma_2, keep_neg | full)
-        total = total + torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0).sum(-1)
-    return total / sims.size(-1)
+    return _MSBLoss.apply(sims, relevance(labels, labels).to(sims.device), gamma_1, gamma_2, delta)
+
+
+class _MSBLoss(torch.autograd.Function):
+    """msb_loss, both anchor directions (rows, then columns: the transposed matrices) in one stack, and its gradient
+    built in the forward pass from the softmax weights its log-sum-exps already give: a few tensor ops where
+    autograd would record and replay several hundred."""
+
+    @staticmethod
+    def forward(ctx, sims, pos, gamma_1: float, gamma_2: float, delta: float):
+        both = torch.stack((sims, sims.transpose(-1, -2)))  # (2, ..., B, B): rows as anchors, then columns
+        pos = torch.stack((pos, pos.T)).view((2,) + (1,) * (sims.dim() - 2) + pos.shape)
+        keep_pos, keep_neg = _mine(both, pos, delta)
+        valid = (keep_pos.any(-1) & keep_neg.any(-1)).all(0)  # an anchor needs both of its kept sets, both ways
+        # Skipped anchors get a full mask so their (unused) log-sum-exp stays finite.
+        full = ~valid[..., None]
+        pos_logits = (gamma_2 - gamma_1 * both).masked_fill_(~(keep_pos | full), float("-inf"))
+        neg_logits = (gamma_1 * both - gamma_2).masked_fill_(~(keep_neg | full), float("-inf"))
+        pos_term, neg_term = pos_logits.logsumexp(-1), neg_logits.logsumexp(-1)
+        per_anchor = torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0)
+        if ctx.needs_input_grad[0]:
+            # d(term / gamma_1)/ds: the softmax weights of the kept negatives minus those of the kept positives
+            grad = (neg_logits - neg_term[..., None]).exp_().sub_((pos_logits - pos_term[..., None]).exp_())
+            grad = grad.mul_(valid[..., None]).div_(sims.size(-1))
+            ctx.save_for_backward(grad[0] + grad[1].transpose(-1, -2))
+        return (per_anchor[0].sum(-1) + per_anchor[1].sum(-1)) / sims.size(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[..., None, None], None, None, None, None
 
 
 def triplet_loss(sims: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:

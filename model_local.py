@@ -9,9 +9,10 @@ items. The attended vectors v_l are never built: <Q_l, v_l> = sum_k w_kl a_kl an
 slices of context items (SLICE_ELEMENTS) so that the intermediates stay small. On a CPU the L2 score
 norms run in a fused C++ kernel (csrc/l2_attention.cpp) over tiles of one row item against 16 columns, the
 columns along the vector lanes: _FusedPairedAttention scores both directions of paired_attention from the same
-tiles, all caption groups of a call in one autograd Function, its columns packed position-major so that the
-raw-score matmul gives the kernel that layout; _FusedL2Attention one direction (cross_attention);
-_L2Attention is the same computation as tensor ops, used on other devices and without a compiler.
+tiles, all caption groups of a call in one autograd Function whose loop over groups and slices runs in C++
+(csrc/paired_groups.cpp), its columns packed position-major so that the raw-score matmul gives the kernel that
+layout; _FusedL2Attention one direction (cross_attention); _L2Attention is the same computation as tensor ops,
+used on other devices and without a compiler.
 """
 from __future__ import annotations
 
@@ -283,106 +284,40 @@ class ColumnGroups:
         """Scores (n, columns) in group order back in the columns' own order."""
         return scores if self.order is None else scores.index_select(1, torch.argsort(self.order))
 
-    def packing(self, lengths: torch.Tensor, padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the flat (n * padded_len, d) columns that pack each group's trimmed vectors position-major
-        (a group of n columns trimmed to L: L x n rows, position l of every column, then l + 1), and the packed
-        positions' weights (1 true, 0 padding)."""
-        index, weight, ids = [], [], torch.arange(len(lengths), device=lengths.device)
-        for (_, _, length), group in zip(self.bounds, self.members()):
-            members = ids[group]
-            positions = torch.arange(length, device=lengths.device)
-            index.append((members * padded_len + positions[:, None]).reshape(-1))
-            weight.append((positions[:, None] < lengths[members]).reshape(-1))
-        return torch.cat(index), torch.cat(weight)
+    def flat_bounds(self) -> list[int]:
+        """bounds flattened, as the kernel takes them."""
+        return [value for bound in self.bounds for value in bound]
 
 
 class _FusedPairedAttention(torch.autograd.Function):
     """paired_attention with an L2 score norm on a CPU: att(Q = col, C = row) + att(Q = row, C = col) of all
-    (row, col) pairs, both directions of each caption group in one fused kernel call (csrc/l2_attention.cpp), the
-    same formula as _paired_fragments.
+    (row, col) pairs, the same formula as _paired_fragments, in two calls of the fused kernel
+    (csrc/paired_groups.cpp): one for the forward of all caption groups and slices of rows, one for its backward.
 
-    One Function for all caption groups and slices of rows: the groups' columns are packed position-major
-    (trimmed, padding zeroed), so that each raw-score matmul gives the kernel its scores with the columns along
-    the vector lanes; the Gram matrices, squared norms and all their gradients are a few tensor ops per group
-    here, where autograd would record a graph of them; the rows' Gram matrices, norms and gradients are computed
-    once for all groups.
+    Each group's columns are packed position-major (trimmed, padding zeroed), so that its raw-score matmul gives the
+    kernel its scores with the columns along the vector lanes; the Gram matrices, squared norms and all their
+    gradients are computed around the kernel calls, the rows' once for all groups. The loop over groups runs in C++:
+    as Python it cost more in interpreter and dispatch time than in arithmetic (docs/SPEED.md).
     """
 
     @staticmethod
     def forward(ctx, rows, cols, row_mask, col_lengths, groups: ColumnGroups, clipped: bool, lambda_softmax: float):
-        index, packed_weight = groups.packing(col_lengths, cols.size(1))
-        packed_weight = packed_weight.to(rows.dtype)
-        packed = cols.reshape(-1, cols.size(-1)).index_select(0, index).mul_(packed_weight[:, None])
-        row_sq, packed_sq = rows.pow(2).sum(-1), packed.pow(2).sum(-1)
-        row_gram, row_weight = gram_matrices(rows), row_mask.to(rows.dtype)
         backward_needs = any(ctx.needs_input_grad)
-        kernel, saved, group_outs = attention_kernel.load(), [], []
-        for _, _, col_vectors, col_sq, col_weight in _group_views(groups, packed, packed_sq, packed_weight):
-            col_gram, slice_outs = gram_matrices(col_vectors.transpose(0, 1)), []
-            for r in _context_slices(row_weight, col_weight):
-                raw = _raw_scores(rows[r], col_vectors).transpose(2, 3)  # (nR, Lr, n, L), position-major
-                out, *state = kernel.paired_forward(raw, row_gram[r], col_gram, row_sq[r], col_sq, row_weight[r],
-                                                    col_weight, clipped, lambda_softmax, backward_needs)
-                slice_outs.append(out)
-                saved += [raw, *state] if backward_needs else []
-            group_outs.append(torch.cat(slice_outs))
-        out = torch.cat(group_outs, dim=1)
+        ctx.args = (groups.order, groups.flat_bounds(), SLICE_ELEMENTS, clipped, lambda_softmax)
+        out, *saved = attention_kernel.load().grouped_forward(rows, cols, row_mask, col_lengths, *ctx.args,
+                                                              backward_needs)
         if backward_needs:
-            ctx.save_for_backward(rows, packed, row_sq, packed_sq, row_weight, packed_weight, index, *saved)
-            ctx.groups, ctx.col_shape, ctx.clipped, ctx.lambda_softmax = groups, cols.shape, clipped, lambda_softmax
-        return groups.restore(out)
+            ctx.save_for_backward(rows, *saved)
+            ctx.col_shape = list(cols.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, packed, row_sq, packed_sq, row_weight, packed_weight, index, *saved = ctx.saved_tensors
-        groups, kernel, dim = ctx.groups, attention_kernel.load(), rows.size(-1)
-        grad_out = grad_out if groups.order is None else grad_out.index_select(1, groups.order)
-        grad_rows, grad_packed = torch.zeros_like(rows), torch.zeros_like(packed)
-        grad_row_gram, grad_row_sq = rows.new_zeros(rows.size(0), rows.size(1), rows.size(1)), torch.zeros_like(row_sq)
-        per_call = iter([saved[i:i + 11] for i in range(0, len(saved), 11)])  # raw and the kernel's 10 states
-        for (first, end), span, col_vectors, col_sq, col_weight in _group_views(groups, packed, packed_sq,
-                                                                              packed_weight):
-            grad_cols = grad_packed[span].view(-1, dim)
-            grad_col_gram, grad_col_sq = rows.new_zeros(col_sq.shape + col_sq.shape[-1:]), torch.zeros_like(col_sq)
-            for r in _context_slices(row_weight, col_weight):
-                raw, *state = next(per_call)
-                grad_raw, d_row_gram, d_col_gram, d_row_sq, d_col_sq = kernel.paired_backward(
-                    grad_out[r, first:end], raw, row_sq[r], col_sq, row_weight[r], col_weight, state[:5], state[5:],
-                    ctx.clipped, ctx.lambda_softmax)
-                # raw = R C^T: d/dR = grad_raw C, d/dC = grad_raw^T R
-                flat = grad_raw.transpose(2, 3).reshape(-1, col_sq.numel())
-                grad_rows[r].view(-1, dim).addmm_(flat, col_vectors.view(-1, dim))
-                grad_cols.addmm_(flat.T, rows[r].reshape(-1, dim))
-                grad_row_gram[r] += d_row_gram
-                grad_row_sq[r] += d_row_sq
-                grad_col_gram += d_col_gram
-                grad_col_sq += d_col_sq
-            length, n_cols = col_vectors.shape[:2]
-            _add_gram_and_norm_grads(grad_cols.view(length, n_cols, dim).transpose(0, 1), col_vectors.transpose(0, 1),
-                                     grad_col_gram, grad_col_sq)
-        _add_gram_and_norm_grads(grad_rows, rows, grad_row_gram, grad_row_sq)
-        # back from the packed layout; padding positions get no gradient
-        grad_cols = grad_packed.new_zeros(ctx.col_shape.numel() // dim, dim)
-        grad_cols.index_copy_(0, index, grad_packed.mul_(packed_weight[:, None]))
-        return grad_rows, grad_cols.view(ctx.col_shape), None, None, None, None, None
-
-
-def _group_views(groups: ColumnGroups, packed: torch.Tensor, packed_sq: torch.Tensor, packed_weight: torch.Tensor):
-    """Per group: its (first, end) positions, its span of the packed rows, its packed vectors (L, n, d), and its
-    squared norms and weights (n, L), transposed views (the kernel reads them with their strides)."""
-    offset = 0
-    for first, end, length in groups.bounds:
-        span = slice(offset, offset + (end - first) * length)
-        yield ((first, end), span, packed[span].view(length, end - first, -1),
-               packed_sq[span].view(length, end - first).T, packed_weight[span].view(length, end - first).T)
-        offset = span.stop
-
-
-def _add_gram_and_norm_grads(grad: torch.Tensor, vectors: torch.Tensor, grad_gram: torch.Tensor,
-                             grad_sq: torch.Tensor) -> None:
-    """Adds the gradients through G = X X^T and |x|^2 to grad (n, L, d): (dG + dG^T) X and 2 d|x|^2 x. grad and
-    vectors may be transposed views (bmm into a fresh tensor: an in-place baddbmm_ on a view runs item by item)."""
-    grad.add_(torch.bmm(grad_gram + grad_gram.transpose(1, 2), vectors)).addcmul_(grad_sq[..., None], vectors, value=2)
+        rows, *saved = ctx.saved_tensors
+        order, bounds, slice_elements, clipped, lambda_softmax = ctx.args
+        grad_rows, grad_cols = attention_kernel.load().grouped_backward(
+            grad_out.contiguous(), rows, saved, ctx.col_shape, order, bounds, slice_elements, clipped, lambda_softmax)
+        return grad_rows, grad_cols, None, None, None, None, None
 
 
 def cross_attention(query: torch.Tensor, query_lengths: torch.Tensor, context: torch.Tensor,

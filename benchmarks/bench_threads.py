@@ -91,13 +91,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps (batches of 64) per configuration")
     p.add_argument("--kinds", default="global,local")
     p.add_argument("--only", default="", help="comma-separated configuration numbers (1-based), default all")
+    p.add_argument("--spin", type=int, default=100000, help="GOMP_SPINCOUNT of the short-spin configurations")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--run_dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child, json.loads(args.data), args.run_dir)
-    names = list(CONFIGS)
+    configs = {name.replace("100000", str(args.spin)): (*config[:2], {"GOMP_SPINCOUNT": str(args.spin)}
+                                                        if config[2] is SHORT_SPIN else config[2], config[3])
+               for name, config in CONFIGS.items()}
+    names = list(configs)
     chosen = [names[int(i) - 1] for i in args.only.split(",")] if args.only else names
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before; {args.steps} steps of batch "
           f"{RSICD.batch_size} per configuration; an RSICD epoch is {RSICD.train_steps()} steps", flush=True)
@@ -110,7 +114,7 @@ def main() -> None:
         for name in chosen:
             cells = []
             for kind, flags in data.items():
-                results = launch(kind, CONFIGS[name], flags, root, name)
+                results = launch(kind, configs[name], flags, root, name)
                 wall = sum(r["wall"] / r["steps"] for r in results) / len(results)
                 cpu = sum(r["cpu"] / r["steps"] for r in results) / len(results)
                 cells.append(f"{wall:.3f} ({cpu:.3f})")

@@ -34,29 +34,39 @@ SIMILARITY_PARTS = ("similarity S_P", "auxiliary S_A1, S_A2", "MSB loss (3 terms
 
 def paired_calls() -> tuple[list, list]:
     """The raw-score products (rows, cols) and the paired-kernel inputs of one training step's similarities, as
-    the model makes them (its caption groups and slices)."""
+    csrc/paired_groups.cpp makes them from the model's calls (its caption groups; one slice of rows at these
+    sizes)."""
     kernel = attention_kernel.load()
-    products, kernel_inputs = [], []
-    raw_scores, paired_forward = model_local._raw_scores, kernel.paired_forward
+    calls, grouped_forward = [], kernel.grouped_forward
 
-    def record_product(rows, cols):
-        products.append((rows, cols))
-        return raw_scores(rows, cols)
-
-    def record_kernel(*args):
-        kernel_inputs.append(args[:7])  # raw, both Gram matrices, both squared norms, both masks
-        return paired_forward(*args)
+    def record(*args):
+        calls.append(args)
+        return grouped_forward(*args)
 
     torch.manual_seed(0)
     model = build_model("local", RSICD.opt("local"), RSICD.vocab_size)
     split = in_memory_split(RSICD, "local", RSICD.batch_size // RSICD.captions_per_image + 1)
     cnn, bovw, captions, lengths, _, _ = batch_of(split, list(range(RSICD.batch_size)))
-    model_local._raw_scores, kernel.paired_forward = record_product, record_kernel
+    kernel.grouped_forward = record
     try:
         with torch.no_grad():
             model.similarities(model.encode(cnn, bovw, captions, lengths))
     finally:
-        model_local._raw_scores, kernel.paired_forward = raw_scores, paired_forward
+        kernel.grouped_forward = grouped_forward
+    products, kernel_inputs = [], []
+    for rows, cols, row_mask, col_lengths, order, bounds, *_ in calls:
+        index, weight = kernel.column_packing(col_lengths, order, bounds, cols.size(1))
+        weight = weight.to(rows.dtype)
+        packed = cols.reshape(-1, cols.size(-1)).index_select(0, index) * weight[:, None]
+        offset = 0
+        for first, end, length in zip(bounds[0::3], bounds[1::3], bounds[2::3]):
+            span = slice(offset, offset + (end - first) * length)
+            vectors, offset = packed[span].view(length, end - first, -1), span.stop
+            products.append((rows, vectors))
+            raw = model_local._raw_scores(rows, vectors).transpose(2, 3)  # position-major, as the kernel gets it
+            grams = model_local.gram_matrices(rows), model_local.gram_matrices(vectors.transpose(0, 1))
+            kernel_inputs.append((raw, *grams, rows.pow(2).sum(-1), vectors.pow(2).sum(-1).T, row_mask.to(rows.dtype),
+                                  weight[span].view(length, end - first).T))
     return products, kernel_inputs
 
 

@@ -4,7 +4,7 @@
     python -m benchmarks.profile_step --shape paper     the paper's Corel 5K sizes
     python -m benchmarks.profile_step --kinds local --steps 10 --threads 2
     python -m benchmarks.profile_step --compare         also time the previous implementation
-    python -m benchmarks.profile_step --interleave      step / floor / epoch ratios, both kinds alternating
+    python -m benchmarks.profile_step --interleave --steps 30   step / floor / epoch ratios, steps alternating
 
 --compare alternates rounds of the current code and the previous one (tests/reference_previous.py:
 the local attention through autograd ops, the GRU on packed sequences, torch's default Adam; and glibc's
@@ -14,7 +14,8 @@ Each part is timed by wall clock and by this process's CPU time (the stable figu
 machine); the table gives medians over the timed steps. The backward pass is split into the part
 through the similarities and the loss and the part through the encoders. "encoder floor" is a step
 with the similarities and the loss removed (the encoders' outputs summed instead): the step's cost
-with free attention.
+with free attention. Like the training scripts, the tool lets idle OpenMP threads sleep
+(OMP_WAIT_POLICY=PASSIVE, unless the environment sets a policy).
 """
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-import torch
-from torch import nn
+from runtime import threads
 
-import trainer
-from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split
-from metrics import retrieval_metrics
-from model_factory import build_model
-from runtime import allocator
-from scoring import encode_split
-from subnetwork import SIMILARITIES
+threads.passive_wait_policy()  # as the training scripts do, before torch loads
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import trainer  # noqa: E402
+from benchmarks.shapes import PAPER, RSICD, Shape, batch_of, in_memory_split  # noqa: E402
+from metrics import retrieval_metrics  # noqa: E402
+from model_factory import build_model  # noqa: E402
+from runtime import allocator  # noqa: E402
+from scoring import encode_split  # noqa: E402
+from subnetwork import SIMILARITIES  # noqa: E402
 
 SHAPES = {"rsicd": RSICD, "paper": PAPER}
 ROWS = ("whole step", "batch assembly (collate)", "forward: encoders", "  image encoders (FC + L2)",
@@ -122,27 +127,44 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, clo
     clock.end_step()
 
 
+class StepRunner:
+    """Timed training steps of one fresh model at the shape's sizes, one batch a call (its collate included)."""
+
+    def __init__(self, kind: str, shape: Shape, steps: int, floor: bool = False, model_cls=None):
+        torch.manual_seed(0)
+        self.model = (model_cls or (lambda o, v: build_model(kind, o, v)))(shape.opt(kind), shape.vocab_size)
+        self.optimizer = trainer.adam(self.model.parameters(), 2e-4)
+        self.train = in_memory_split(shape, kind, max(1, (steps + 1) * shape.batch_size // shape.captions_per_image)
+                                     + 1)
+        self.order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(0)).tolist()
+        self.batch_size, self.floor, self.steps_done, self.clock = shape.batch_size, floor, 0, Clock()
+        self.handles = self.clock.time_modules(encoder_parts(self.model))
+        self.model.train()
+
+    def step(self) -> None:
+        first = self.steps_done * self.batch_size
+        with self.clock.part("batch assembly (collate)"):
+            batch = batch_of(self.train, self.order[first:first + self.batch_size])
+        with self.clock.part("whole step"):
+            training_step(self.model, self.optimizer, batch, self.clock, self.floor)
+        self.steps_done += 1
+
+    def parts(self) -> dict:
+        """Median seconds per part after the first (warm-up) step; the timing hooks are removed."""
+        for handle in self.handles:
+            handle.remove()
+        parts = merge_twins(self.clock.medians())
+        text, embedding = parts.pop("text encoders (all)"), parts["word embedding"]
+        parts["BiGRU (+ direction mean, L2)"] = (text[0] - embedding[0], text[1] - embedding[1])
+        return {label: parts[label.strip()] for label in ROWS if label.strip() in parts}
+
+
 def profile_training(kind: str, shape: Shape, steps: int, floor: bool = False, model_cls=None) -> dict:
     """Median seconds per part of `steps` training steps (after one warm-up) at the shape's sizes."""
-    torch.manual_seed(0)
-    model = (model_cls or (lambda o, v: build_model(kind, o, v)))(shape.opt(kind), shape.vocab_size)
-    optimizer = trainer.adam(model.parameters(), 2e-4)
-    train = in_memory_split(shape, kind, max(1, (steps + 1) * shape.batch_size // shape.captions_per_image) + 1)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    clock = Clock()
-    handles = clock.time_modules(encoder_parts(model))
-    model.train()
-    for step in range(steps + 1):
-        with clock.part("batch assembly (collate)"):
-            batch = batch_of(train, order[step * shape.batch_size:(step + 1) * shape.batch_size])
-        with clock.part("whole step"):
-            training_step(model, optimizer, batch, clock, floor)
-    for handle in handles:
-        handle.remove()
-    parts = merge_twins(clock.medians())
-    text, embedding = parts.pop("text encoders (all)"), parts["word embedding"]
-    parts["BiGRU (+ direction mean, L2)"] = (text[0] - embedding[0], text[1] - embedding[1])
-    return {label: parts[label.strip()] for label in ROWS if label.strip() in parts}
+    runner = StepRunner(kind, shape, steps, floor, model_cls)
+    for _ in range(steps + 1):
+        runner.step()
+    return runner.parts()
 
 
 def merge_twins(parts: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -219,24 +241,28 @@ def compare(kind: str, shape: Shape, steps: int, rounds: int, evaluate: bool) ->
               f"steps {epoch:.0f} CPU s{evaluation}")
 
 
-def interleaved(kinds: list[str], shape: Shape, steps: int, rounds: int) -> None:
-    """Step, encoder floor and epoch of each kind, measured in alternating rounds (ratios robust to load drift)."""
+def interleaved(kinds: list[str], shape: Shape, steps: int) -> None:
+    """Step, encoder floor and epoch of each kind, single steps of all of them alternating: a step and its floor
+    run the same batch within a fraction of a second of each other, so their ratio is robust to this machine's
+    drift. step / floor compares like with like (neither includes batch assembly); the epoch adds it."""
     # one thread: CPU time, stable on a shared machine; several: wall time, since CPU time adds the threads up
     clock, unit = (1, "CPU") if torch.get_num_threads() == 1 else (0, "wall")
-    step_times: dict[str, list[float]] = defaultdict(list)
-    floors: dict[str, list[float]] = defaultdict(list)
-    for _ in range(rounds):
-        for kind in kinds:
-            parts = profile_training(kind, shape, steps)
-            step_times[kind].append(parts["whole step"][clock] + parts["batch assembly (collate)"][clock])
-            floors[kind].append(profile_training(kind, shape, steps, floor=True)["whole step"][clock])
-    print(f"\ninterleaved: medians of {rounds} alternating rounds of {steps} steps, {unit} ms")
+    runners = {(kind, floor): StepRunner(kind, shape, steps, floor) for kind in kinds for floor in (False, True)}
+    for _ in range(steps + 1):
+        for runner in runners.values():
+            runner.step()
+    print(f"\ninterleaved: medians of {steps} alternating steps, {threads.describe()}, {unit} ms")
     epochs = {}
     for kind in kinds:
-        step, floor = statistics.median(step_times[kind]), statistics.median(floors[kind])
-        epochs[kind] = shape.train_steps() * step
-        print(f"  {kind}: step {1e3 * step:.1f} (rounds {', '.join(f'{1e3 * v:.0f}' for v in step_times[kind])}), "
-              f"encoder floor {1e3 * floor:.1f}, step / floor {step / floor:.2f}x, epoch {epochs[kind]:.0f} {unit} s")
+        step_times, floor_times = ([timed["whole step"][clock] for timed in runners[kind, floor].clock.steps[1:]]
+                                   for floor in (False, True))
+        ratio = statistics.median(step / floor for step, floor in zip(step_times, floor_times))
+        step, floor = statistics.median(step_times), statistics.median(floor_times)
+        collate = runners[kind, False].parts()["batch assembly (collate)"][clock]
+        epochs[kind] = shape.train_steps() * (step + collate)
+        print(f"  {kind}: step {1e3 * step:.1f}, encoder floor {1e3 * floor:.1f}, step / floor {ratio:.2f}x (median "
+              f"of the {len(step_times)} steps' ratios); batch assembly {1e3 * collate:.1f}, epoch {epochs[kind]:.0f} "
+              f"{unit} s")
     if {"global", "local"} <= set(epochs):
         print(f"  local epoch / global epoch: {epochs['local'] / epochs['global']:.2f}x")
 
@@ -257,8 +283,8 @@ def main() -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the dev evaluation")
     p.add_argument("--compare", action="store_true", help="before / after table against the previous code")
     p.add_argument("--interleave", action="store_true",
-                   help="only the step / floor / epoch figures, kinds and floors alternating over --rounds")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare and --interleave")
+                   help="only the step / floor / epoch figures, single steps of the kinds and floors alternating")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     allocator.keep_freed_memory()  # as the training scripts do
@@ -266,7 +292,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {shape}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.interleave:
-        interleaved(args.kinds.split(","), shape, args.steps, args.rounds)
+        interleaved(args.kinds.split(","), shape, args.steps)
         return
     for kind in args.kinds.split(","):
         if args.compare:

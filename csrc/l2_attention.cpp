@@ -8,7 +8,8 @@
 // att(Q = column, C = row) ("rows as context") and att(Q = row, C = column) ("columns as context"). A tile
 // (9 x 20 x 16 floats at RSICD sizes) stays in the first-level cache through every step; exp is vectorised
 // through glibc's vector math library.
-#include <torch/extension.h>
+#include "l2_attention.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -99,19 +100,21 @@ struct Columns {
       : len(d.col_len), sq(d.blocks * len * W, T(1)), mask(d.blocks * len * W, T(1)),
         gram(gram_in.defined() ? d.blocks * len * len * W : 0, T(0)), count(d.blocks * W, T(0)) {
     const T *sq_at = sq_in.data_ptr<T>(), *mask_at = mask_in.data_ptr<T>();
+    const T* gram_at = gram.empty() ? nullptr : gram_in.data_ptr<T>();
+    const int64_t sq_col = sq_in.stride(0), sq_pos = sq_in.stride(1);
+    const int64_t mask_col = mask_in.stride(0), mask_pos = mask_in.stride(1);
     for (int64_t col = 0; col < d.blocks * W; ++col) {
       const int64_t q = col / W, c = col % W;
       for (int64_t l = 0; l < len; ++l) {
         const int64_t at = (q * len + l) * W + c;
         if (col < d.n_cols) {
-          sq[at] = sq_at[col * sq_in.stride(0) + l * sq_in.stride(1)];
-          mask[at] = mask_at[col * mask_in.stride(0) + l * mask_in.stride(1)];
+          sq[at] = sq_at[col * sq_col + l * sq_pos];
+          mask[at] = mask_at[col * mask_col + l * mask_pos];
         }
         count[col] += mask[at];
       }
-      if (!gram.empty() && col < d.n_cols)
-        for (int64_t i = 0; i < len * len; ++i)
-          gram[(q * len * len + i) * W + c] = gram_in.data_ptr<T>()[col * len * len + i];
+      if (gram_at && col < d.n_cols)
+        for (int64_t i = 0; i < len * len; ++i) gram[(q * len * len + i) * W + c] = gram_at[col * len * len + i];
     }
   }
 };
@@ -191,12 +194,22 @@ std::vector<at::Tensor> new_state(const Dims& d, bool save, int64_t context_len,
           at::empty({tiles, query_len * W}, options)};
 }
 
+// One direction's state tensors by tile, their data pointers read once per call.
 template <typename T>
-TileState<T> saved_state(const std::vector<at::Tensor>& state, int64_t t) {
-  T* p[5];
-  for (int i = 0; i < 5; ++i) p[i] = state[i].data_ptr<T>() + t * state[i].size(1);
-  return {p[0], p[1], p[2], p[3], p[4]};
-}
+struct SavedState {
+  T* data[5] = {};
+  int64_t per_tile[5] = {};
+  explicit SavedState(const std::vector<at::Tensor>& state) {
+    for (size_t i = 0; i < state.size(); ++i) {
+      data[i] = state[i].data_ptr<T>();
+      per_tile[i] = state[i].size(1);
+    }
+  }
+  TileState<T> tile(int64_t t) const {
+    return {data[0] + t * per_tile[0], data[1] + t * per_tile[1], data[2] + t * per_tile[2],
+            data[3] + t * per_tile[3], data[4] + t * per_tile[4]};
+  }
+};
 
 // A thread's scratch state of one direction, for a forward without a backward (empty when the state is saved).
 template <typename T>
@@ -373,6 +386,7 @@ template <typename T>
 void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns<T>& cols, bool clipped,
                  double lambda, bool save, Directions& dirs, T* out) {
   const T negative_slope = clipped ? T(kLeakySlope) : T(1);
+  const SavedState<T> rows_saved(dirs.rows_state), cols_saved(dirs.cols_state);
   at::parallel_for(0, d.n_rows * d.blocks, 1, [&](int64_t first, int64_t end) {
     std::vector<T> tile(d.tile), scores(d.tile), tile_out(W);
     ScratchState<T> rows_scratch(d, d.row_len, d.col_len, !save), cols_scratch(d, d.col_len, d.row_len, !save);
@@ -384,10 +398,10 @@ void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns
       leaky_tile(d, tile.data(), negative_slope, scores.data());
       std::fill(tile_out.begin(), tile_out.end(), T(0));
       forward_rows_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
-                              save ? saved_state<T>(dirs.rows_state, t) : rows_scratch.view, tile_out.data());
+                              save ? rows_saved.tile(t) : rows_scratch.view, tile_out.data());
       if (dirs.paired())
         forward_cols_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
-                                save ? saved_state<T>(dirs.cols_state, t) : cols_scratch.view, tile_out.data());
+                                save ? cols_saved.tile(t) : cols_scratch.view, tile_out.data());
       const int64_t lanes = std::min(W, d.n_cols - q * W);
       std::copy(tile_out.begin(), tile_out.begin() + lanes, out + b * d.n_cols + q * W);
     }
@@ -576,6 +590,7 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
   const int64_t gram_part = d.blocks * lq * lq * W, sq_part = d.blocks * lq * W;
   col_gram_parts.assign(dirs.paired() ? parts * gram_part : 0, T(0));
   col_sq_parts.assign(parts * sq_part, T(0));
+  const SavedState<T> rows_saved(dirs.rows_state), cols_saved(dirs.cols_state);
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t end) {
     BackwardScratch<T> scratch(d);
     std::vector<T> lanes_out(W);
@@ -594,11 +609,11 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
           leaky_tile(d, scratch.tile.data(), negative_slope, scratch.scores.data());
           std::fill(scratch.grad.begin(), scratch.grad.end(), T(0));
           backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), col, T(lambda),
-                                   negative_slope, saved_state<T>(dirs.rows_state, t), lanes_out.data(), scratch,
+                                   negative_slope, rows_saved.tile(t), lanes_out.data(), scratch,
                                    scratch.grad.data(), row_gram, col_sq_parts.data() + part * sq_part + q * lq * W);
           if (dirs.paired())
             backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, T(lambda),
-                                     negative_slope, saved_state<T>(dirs.cols_state, t), lanes_out.data(), scratch,
+                                     negative_slope, cols_saved.tile(t), lanes_out.data(), scratch,
                                      scratch.grad.data(), col_gram_parts.data() + part * gram_part + q * lq * lq * W,
                                      grad_row_sq + b * lr);
           store_tile(d, scratch.grad.data(), b, q, grad_raw);
@@ -760,4 +775,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "its gradients with respect to raw, gram and the query norms");
   m.def("paired_forward", &paired_forward, "both directions of paired scores in one call");
   m.def("paired_backward", &paired_backward, "their gradients");
+  m.def("column_packing", &column_packing, "packed rows and weights of caption groups");
+  m.def("grouped_forward", &grouped_forward, "paired scores of all caption groups (csrc/paired_groups.cpp)");
+  m.def("grouped_backward", &grouped_backward, "their gradients with respect to the rows and the columns");
 }

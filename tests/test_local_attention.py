@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attention_kernel
 import model_local
 from data import NUM_BLOCKS
 from loss import msb_loss
@@ -125,19 +126,26 @@ def test_caption_groups_give_the_reference_values_and_grads(column_group: int, n
 
 def test_column_groups_follow_the_batch_order_and_pack_each_group_to_its_longest(monkeypatch) -> None:
     monkeypatch.setattr(model_local, "COLUMN_GROUP", 2)
+
+    def packing(groups: model_local.ColumnGroups, lengths: list[int], padded_len: int) -> tuple[list, list]:
+        """The kernel's packed rows of the flat columns and their weights (csrc/paired_groups.cpp)."""
+        index, weight = attention_kernel.load().column_packing(torch.tensor(lengths), groups.order,
+                                                               groups.flat_bounds(), padded_len)
+        return index.tolist(), weight.tolist()
+
     same = model_local.ColumnGroups.of(torch.tensor([4, 4, 4]))
     assert same.order is None and same.bounds == [(0, 3, 4)]  # equal lengths: one group whatever its size
-    index, weight = same.packing(torch.tensor([4, 4, 4]), 4)  # position-major: position 0 of each column, ...
-    assert index.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11] and bool(weight.all())
+    index, weight = packing(same, [4, 4, 4], 4)  # position-major: position 0 of each column, ...
+    assert index == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11] and weight == [True] * 12
     longest_first = model_local.ColumnGroups.of(torch.tensor([5, 3, 3, 2, 1]))
     assert longest_first.order is None and longest_first.bounds == [(0, 2, 5), (2, 4, 3), (4, 5, 1)]
-    index, weight = longest_first.packing(torch.tensor([5, 3, 3, 2, 1]), 5)
-    assert index.tolist() == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9] + [10, 15, 11, 16, 12, 17] + [20]
-    assert weight.tolist() == [True] * 6 + [True, False] * 2 + [True] * 5 + [False] + [True]
+    index, weight = packing(longest_first, [5, 3, 3, 2, 1], 5)
+    assert index == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9] + [10, 15, 11, 16, 12, 17] + [20]
+    assert weight == [True] * 6 + [True, False] * 2 + [True] * 5 + [False] + [True]
     shuffled = model_local.ColumnGroups.of(torch.tensor([3, 1, 2]))  # other orders: shortest first
     assert shuffled.order.tolist() == [1, 2, 0] and shuffled.bounds == [(0, 2, 2), (2, 3, 3)]
-    index, weight = shuffled.packing(torch.tensor([3, 1, 2]), 3)
-    assert index.tolist() == [3, 6, 4, 7, 0, 1, 2] and weight.tolist() == [True, True, False, True, True, True, True]
+    index, weight = packing(shuffled, [3, 1, 2], 3)
+    assert index == [3, 6, 4, 7, 0, 1, 2] and weight == [True, True, False, True, True, True, True]
 
 
 def model_batch(seed: int = 0, dtype: torch.dtype = torch.float64):

@@ -1,0 +1,34 @@
+// Entry points of the fused attention kernel: one pair of scores tensors (l2_attention.cpp) and all caption groups of
+// a paired_attention call (paired_groups.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+std::vector<at::Tensor> forward(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
+                                const at::Tensor& query_mask, const at::Tensor& ctx_mask, bool clipped,
+                                double lambda, bool save);
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& raw, const at::Tensor& query_sq,
+                                 const at::Tensor& query_mask, const at::Tensor& w, const at::Tensor& gram_w,
+                                 const at::Tensor& scale, const at::Tensor& dot, const at::Tensor& att, bool clipped,
+                                 double lambda);
+std::vector<at::Tensor> paired_forward(const at::Tensor& raw, const at::Tensor& row_gram, const at::Tensor& col_gram,
+                                       const at::Tensor& row_sq, const at::Tensor& col_sq, const at::Tensor& row_mask,
+                                       const at::Tensor& col_mask, bool clipped, double lambda, bool save);
+std::vector<at::Tensor> paired_backward(const at::Tensor& grad_out, const at::Tensor& raw, const at::Tensor& row_sq,
+                                        const at::Tensor& col_sq, const at::Tensor& row_mask,
+                                        const at::Tensor& col_mask, const std::vector<at::Tensor>& first,
+                                        const std::vector<at::Tensor>& second, bool clipped, double lambda);
+
+std::vector<at::Tensor> column_packing(const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
+                                       const std::vector<int64_t>& bounds, int64_t padded_len);
+std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_mask,
+                                        const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
+                                        const std::vector<int64_t>& bounds, int64_t slice_elements, bool clipped,
+                                        double lambda, bool save);
+std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::Tensor& rows,
+                                         const std::vector<at::Tensor>& saved, const std::vector<int64_t>& col_shape,
+                                         const std::optional<at::Tensor>& order, const std::vector<int64_t>& bounds,
+                                         int64_t slice_elements, bool clipped, double lambda);

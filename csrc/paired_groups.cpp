@@ -1,0 +1,179 @@
+// All caption groups of one paired_attention call (model_local._FusedPairedAttention), forward and backward.
+//
+// The columns (captions) are scored in groups of similar length, each trimmed to its longest member and packed
+// position-major (position l of every column of the group, then l + 1), so that the raw-score matmul of a group
+// gives the kernel (l2_attention.cpp) its scores with the columns along the vector lanes. Rows come in slices that
+// keep a call's intermediates cache-sized. This file is the loop over groups and slices, with the matmuls, Gram
+// matrices and norms around each kernel call and their gradients: the same tensor ops in the same order as the
+// Python loop it replaces, which cost more in interpreter and dispatch time than in arithmetic at training sizes.
+#include "l2_attention.h"
+
+#include <algorithm>
+
+namespace {
+
+struct Group {
+  int64_t first, end, length;  // positions first..end-1 of the columns in group order, trimmed to length
+  int64_t size() const { return end - first; }
+};
+
+std::vector<Group> groups_of(const std::vector<int64_t>& bounds) {
+  TORCH_CHECK(bounds.size() % 3 == 0, "bounds: (first, end, length) of each group, flattened");
+  std::vector<Group> groups;
+  for (size_t i = 0; i < bounds.size(); i += 3) groups.push_back({bounds[i], bounds[i + 1], bounds[i + 2]});
+  return groups;
+}
+
+// One group's packed columns: vectors (L, n, d), and squared norms and weights as (n, L) transposed views (the
+// kernel reads them through their strides).
+struct GroupView {
+  Group group;
+  int64_t offset;  // first packed row
+  at::Tensor vectors, sq, weight;
+};
+
+std::vector<GroupView> group_views(const std::vector<Group>& groups, const at::Tensor& packed,
+                                   const at::Tensor& packed_sq, const at::Tensor& packed_weight) {
+  std::vector<GroupView> views;
+  int64_t offset = 0;
+  for (const Group& g : groups) {
+    const int64_t rows = g.size() * g.length;
+    views.push_back({g, offset, packed.narrow(0, offset, rows).view({g.length, g.size(), -1}),
+                     packed_sq.narrow(0, offset, rows).view({g.length, g.size()}).t(),
+                     packed_weight.narrow(0, offset, rows).view({g.length, g.size()}).t()});
+    offset += rows;
+  }
+  return views;
+}
+
+// Slices [first, first + count) of the rows: (slice, Lr, n, L) scores of at most slice_elements values.
+std::vector<std::pair<int64_t, int64_t>> row_slices(int64_t n_rows, int64_t row_len, const Group& g,
+                                                    int64_t slice_elements) {
+  const int64_t step = std::max<int64_t>(1, slice_elements / (row_len * g.size() * g.length));
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t first = 0; first < n_rows; first += step) slices.emplace_back(first, std::min(step, n_rows - first));
+  return slices;
+}
+
+at::Tensor gram_matrices(const at::Tensor& vectors) { return at::bmm(vectors, vectors.transpose(1, 2)); }
+
+// a[b, k, l, c] = <rows[b, k], vectors[l, c]>, viewed as (n_rows, Lr, n, L): position-major scores.
+at::Tensor raw_scores(const at::Tensor& rows, const at::Tensor& vectors) {
+  const int64_t dim = rows.size(2);
+  return at::mm(rows.reshape({-1, dim}), vectors.reshape({-1, dim}).t())
+      .view({rows.size(0), rows.size(1), vectors.size(0), vectors.size(1)})
+      .transpose(2, 3);
+}
+
+// grad (n, L, d) += (dG + dG^T) X + 2 d|x|^2 x, the gradients through G = X X^T and |x|^2; grad and vectors may be
+// transposed views (bmm into a fresh tensor: an in-place baddbmm_ on a view runs item by item).
+void add_gram_and_norm_grads(at::Tensor grad, const at::Tensor& vectors, const at::Tensor& grad_gram,
+                             const at::Tensor& grad_sq) {
+  grad.add_(at::bmm(grad_gram + grad_gram.transpose(1, 2), vectors)).addcmul_(grad_sq.unsqueeze(-1), vectors, 2);
+}
+
+constexpr size_t kFixedSaved = 6;  // row_mask, packed, row_sq, packed_sq, packed_weight, index; then each call's
+constexpr size_t kPerCall = 11;    // raw scores and the kernel's 10 state tensors
+
+}  // namespace
+
+// The packed rows of the flat (n_cols * padded_len, d) columns, group after group, each position-major, and the
+// packed positions' weights (true positions 1, padding 0).
+std::vector<at::Tensor> column_packing(const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
+                                       const std::vector<int64_t>& bounds, int64_t padded_len) {
+  const at::Tensor lengths = col_lengths.to(at::kLong).contiguous();
+  const at::Tensor ids = order ? order->to(at::kLong).contiguous() : at::arange(lengths.numel(), lengths.options());
+  const int64_t *length = lengths.data_ptr<int64_t>(), *id = ids.data_ptr<int64_t>();
+  const auto groups = groups_of(bounds);
+  int64_t packed = 0;
+  for (const Group& g : groups) packed += g.size() * g.length;
+  auto index = at::empty({packed}, lengths.options());
+  auto weight = at::empty({packed}, lengths.options().dtype(at::kBool));
+  int64_t* at_index = index.data_ptr<int64_t>();
+  bool* at_weight = weight.data_ptr<bool>();
+  for (const Group& g : groups)
+    for (int64_t l = 0; l < g.length; ++l)
+      for (int64_t j = g.first; j < g.end; ++j) {
+        *at_index++ = id[j] * padded_len + l;
+        *at_weight++ = l < length[id[j]];
+      }
+  return {index, weight};
+}
+
+// out (n_rows, n_cols) = att(Q = col, C = row) + att(Q = row, C = col) of trimmed rows (n_rows, Lr, d) and padded
+// columns (n_cols, padded_len, d) with col_lengths, the columns in the caption groups bounds ((first, end, length)
+// of each, flattened) of the columns' order (None: their own); then what grouped_backward needs when save.
+std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_mask,
+                                        const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
+                                        const std::vector<int64_t>& bounds, int64_t slice_elements, bool clipped,
+                                        double lambda, bool save) {
+  TORCH_CHECK(rows.dim() == 3 && cols.dim() == 3 && rows.size(2) == cols.size(2) && rows.device().is_cpu(),
+              "rows (n, Lr, d) and columns (n, L, d) on CPU");
+  const int64_t dim = rows.size(2), n_rows = rows.size(0), row_len = rows.size(1);
+  auto packing = column_packing(col_lengths, order, bounds, cols.size(1));
+  const at::Tensor row_weight = row_mask.to(rows.scalar_type()), packed_weight = packing[1].to(rows.scalar_type());
+  const at::Tensor packed = cols.reshape({-1, dim}).index_select(0, packing[0]).mul_(packed_weight.unsqueeze(1));
+  const at::Tensor row_sq = rows.pow(2).sum(-1), packed_sq = packed.pow(2).sum(-1), row_gram = gram_matrices(rows);
+  auto out = at::empty({n_rows, cols.size(0)}, rows.options());
+  std::vector<at::Tensor> result{out};
+  if (save) result.insert(result.end(), {row_weight, packed, row_sq, packed_sq, packed_weight, packing[0]});
+  for (const GroupView& view : group_views(groups_of(bounds), packed, packed_sq, packed_weight)) {
+    const at::Tensor col_gram = gram_matrices(view.vectors.transpose(0, 1));
+    for (const auto& [first, count] : row_slices(n_rows, row_len, view.group, slice_elements)) {
+      const at::Tensor raw = raw_scores(rows.narrow(0, first, count), view.vectors);
+      auto call = paired_forward(raw, row_gram.narrow(0, first, count), col_gram, row_sq.narrow(0, first, count),
+                                 view.sq, row_weight.narrow(0, first, count), view.weight, clipped, lambda, save);
+      out.narrow(0, first, count).narrow(1, view.group.first, view.group.size()).copy_(call[0]);
+      if (save) {
+        result.push_back(raw);
+        result.insert(result.end(), call.begin() + 1, call.end());
+      }
+    }
+  }
+  if (order) result[0] = out.index_select(1, at::argsort(*order));  // back in the columns' own order
+  return result;
+}
+
+// (dL/drows, dL/dcols) from dL/dout and grouped_forward's saved tensors (its result after out).
+std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::Tensor& rows,
+                                         const std::vector<at::Tensor>& saved, const std::vector<int64_t>& col_shape,
+                                         const std::optional<at::Tensor>& order, const std::vector<int64_t>& bounds,
+                                         int64_t slice_elements, bool clipped, double lambda) {
+  const at::Tensor &row_weight = saved[0], &packed = saved[1], &row_sq = saved[2], &packed_sq = saved[3],
+                   &packed_weight = saved[4], &index = saved[5];
+  const int64_t dim = rows.size(2), n_rows = rows.size(0), row_len = rows.size(1);
+  const at::Tensor grad = order ? grad_out.index_select(1, *order) : grad_out;
+  auto grad_rows = at::zeros_like(rows), grad_packed = at::zeros_like(packed);
+  auto grad_row_gram = at::zeros({n_rows, row_len, row_len}, rows.options()), grad_row_sq = at::zeros_like(row_sq);
+  size_t call = kFixedSaved;
+  for (const GroupView& view : group_views(groups_of(bounds), packed, packed_sq, packed_weight)) {
+    const int64_t n = view.group.size(), length = view.group.length;
+    at::Tensor grad_cols = grad_packed.narrow(0, view.offset, n * length).view({-1, dim});
+    auto grad_col_gram = at::zeros({n, length, length}, rows.options()), grad_col_sq = at::zeros_like(view.sq);
+    for (const auto& [first, count] : row_slices(n_rows, row_len, view.group, slice_elements)) {
+      TORCH_CHECK(call + kPerCall <= saved.size(), "grouped_backward: fewer saved tensors than kernel calls");
+      const std::vector<at::Tensor> first_state(saved.begin() + call + 1, saved.begin() + call + 6),
+          second_state(saved.begin() + call + 6, saved.begin() + call + kPerCall);
+      const at::Tensor slice_rows = rows.narrow(0, first, count);
+      auto grads = paired_backward(grad.narrow(0, first, count).narrow(1, view.group.first, n), saved[call],
+                                   row_sq.narrow(0, first, count), view.sq, row_weight.narrow(0, first, count),
+                                   view.weight, first_state, second_state, clipped, lambda);
+      call += kPerCall;
+      // raw = R C^T: d/dR = grad_raw C, d/dC = grad_raw^T R
+      const at::Tensor flat = grads[0].transpose(2, 3).reshape({-1, n * length});
+      grad_rows.narrow(0, first, count).view({-1, dim}).addmm_(flat, view.vectors.view({-1, dim}));
+      grad_cols.addmm_(flat.t(), slice_rows.reshape({-1, dim}));
+      grad_row_gram.narrow(0, first, count) += grads[1];
+      grad_row_sq.narrow(0, first, count) += grads[3];
+      grad_col_gram += grads[2];
+      grad_col_sq += grads[4];
+    }
+    add_gram_and_norm_grads(grad_cols.view({length, n, dim}).transpose(0, 1), view.vectors.transpose(0, 1),
+                            grad_col_gram, grad_col_sq);
+  }
+  add_gram_and_norm_grads(grad_rows, rows, grad_row_gram, grad_row_sq);
+  // back from the packed layout; padding positions get no gradient
+  auto grad_cols = at::zeros({col_shape[0] * col_shape[1], dim}, rows.options());
+  grad_cols.index_copy_(0, index, grad_packed.mul_(packed_weight.unsqueeze(1)));
+  return {grad_rows, grad_cols.view(col_shape)};
+}
