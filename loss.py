@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from metrics import relevance  # positives: the relevant pairs of the batch
 
@@ -48,6 +49,7 @@ class _MSBLoss(torch.autograd.Function):
         return (per_anchor[0].sum(-1) + per_anchor[1].sum(-1)) / sims.size(-1)
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: no second derivative through it
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out[..., None, None], None, None, None, None

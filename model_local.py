@@ -303,7 +303,7 @@ class _FusedPairedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, cols, row_mask, col_lengths, groups: ColumnGroups, clipped: bool, lambda_softmax: float):
         backward_needs = any(ctx.needs_input_grad)
-        ctx.args = (groups.order, groups.flat_bounds(), SLICE_ELEMENTS, clipped, lambda_softmax)
+        ctx.args = (groups.order, groups.flat_bounds(), SLICE_ELEMENTS, clipped, lambda_softmax)  # backward's too
         out, *saved = attention_kernel.load().grouped_forward(rows, cols, row_mask, col_lengths, *ctx.args,
                                                               backward_needs)
         if backward_needs:
@@ -314,9 +314,8 @@ class _FusedPairedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, *saved = ctx.saved_tensors
-        order, bounds, slice_elements, clipped, lambda_softmax = ctx.args
-        grad_rows, grad_cols = attention_kernel.load().grouped_backward(
-            grad_out.contiguous(), rows, saved, ctx.col_shape, order, bounds, slice_elements, clipped, lambda_softmax)
+        grad_rows, grad_cols = attention_kernel.load().grouped_backward(grad_out.contiguous(), rows, saved,
+                                                                        ctx.col_shape, *ctx.args)
         return grad_rows, grad_cols, None, None, None, None, None
 
 
