@@ -72,7 +72,7 @@ void add_gram_and_norm_grads(at::Tensor grad, const at::Tensor& vectors, const a
   grad.add_(at::bmm(grad_gram + grad_gram.transpose(1, 2), vectors)).addcmul_(grad_sq.unsqueeze(-1), vectors, 2);
 }
 
-constexpr size_t kFixedSaved = 6;  // row_mask, packed, row_sq, packed_sq, packed_weight, index; then each call's
+constexpr size_t kFixedSaved = 6;  // row_weight, packed, row_sq, packed_sq, packed_weight, index; then each call's
 constexpr size_t kPerCall = 11;    // raw scores and the kernel's 10 state tensors
 
 }  // namespace
@@ -143,7 +143,7 @@ std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::T
                    &packed_weight = saved[4], &index = saved[5];
   const int64_t dim = rows.size(2), n_rows = rows.size(0), row_len = rows.size(1);
   const at::Tensor grad = order ? grad_out.index_select(1, *order) : grad_out;
-  auto grad_rows = at::zeros_like(rows), grad_packed = at::zeros_like(packed);
+  auto grad_rows = at::zeros_like(rows, at::MemoryFormat::Contiguous), grad_packed = at::zeros_like(packed);
   auto grad_row_gram = at::zeros({n_rows, row_len, row_len}, rows.options()), grad_row_sq = at::zeros_like(row_sq);
   size_t call = kFixedSaved;
   for (const GroupView& view : group_views(groups_of(bounds), packed, packed_sq, packed_weight)) {

@@ -124,6 +124,24 @@ def test_caption_groups_give_the_reference_values_and_grads(column_group: int, n
         assert_close(grouped_grad, expected_grad)
 
 
+@pytest.mark.parametrize("norm", ATTENTION_NORMS)
+def test_non_contiguous_fragments_give_the_reference_values_and_grads(norm: str, attention_path: str) -> None:
+    (words_, word_lengths), (images, image_lengths) = DIRECTIONS["t2i"]()
+
+    def strided(x: torch.Tensor) -> torch.Tensor:
+        """x's values in a layout with the items not contiguous (a transposed copy viewed back)."""
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+    assert not strided(images).is_contiguous() and not strided(words_).is_contiguous()
+    grouped, grouped_grads = values_and_grads(
+        lambda w, i: paired_attention(strided(i), image_lengths, strided(w), word_lengths, norm), [words_, images])
+    expected, expected_grads = values_and_grads(
+        lambda w, i: reference_text_image(i, w, word_lengths, norm), [words_, images])
+    assert_close(grouped, expected)
+    for grouped_grad, expected_grad in zip(grouped_grads, expected_grads):
+        assert_close(grouped_grad, expected_grad)
+
+
 def test_column_groups_follow_the_batch_order_and_pack_each_group_to_its_longest(monkeypatch) -> None:
     monkeypatch.setattr(model_local, "COLUMN_GROUP", 2)
 
