@@ -85,9 +85,14 @@ class Fragments:
         return self.vectors.size(0)
 
 
+def _slice_items(context_len: int, query_positions: int) -> int:
+    """Context items a slice, so that a slice's (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
+    return max(1, SLICE_ELEMENTS // (context_len * query_positions))
+
+
 def _context_slices(context_mask: torch.Tensor, query_mask: torch.Tensor) -> list[slice]:
     """Slices of the context items so that their (slice, Lc, nQ, Lq) intermediates stay cache-sized."""
-    step = max(1, SLICE_ELEMENTS // (context_mask.size(1) * query_mask.numel()))
+    step = _slice_items(context_mask.size(1), query_mask.numel())
     return [slice(first, first + step) for first in range(0, context_mask.size(0), step)]
 
 
@@ -284,15 +289,18 @@ class ColumnGroups:
         """Scores (n, columns) in group order back in the columns' own order."""
         return scores if self.order is None else scores.index_select(1, torch.argsort(self.order))
 
-    def flat_bounds(self) -> list[int]:
-        """bounds flattened, as the kernel takes them."""
-        return [value for bound in self.bounds for value in bound]
+    def kernel_bounds(self, row_len: int) -> list[int]:
+        """(first, end, length, rows a slice) of each group against rows of row_len fragments, flattened, as the
+        kernel takes them."""
+        return [value for first, end, length in self.bounds
+                for value in (first, end, length, _slice_items(row_len, (end - first) * length))]
 
 
 class _FusedPairedAttention(torch.autograd.Function):
     """paired_attention with an L2 score norm on a CPU: att(Q = col, C = row) + att(Q = row, C = col) of all
     (row, col) pairs, the same formula as _paired_fragments, in two calls of the fused kernel
-    (csrc/paired_groups.cpp): one for the forward of all caption groups and slices of rows, one for its backward.
+    (csrc/paired_groups.cpp): one for the forward of all caption groups and slices of rows (_slice_items), one for its
+    backward.
 
     Each group's columns are packed position-major (trimmed, padding zeroed), so that its raw-score matmul gives the
     kernel its scores with the columns along the vector lanes; the Gram matrices, squared norms and all their
@@ -303,7 +311,7 @@ class _FusedPairedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, cols, row_mask, col_lengths, groups: ColumnGroups, clipped: bool, lambda_softmax: float):
         backward_needs = any(ctx.needs_input_grad)
-        ctx.args = (groups.order, groups.flat_bounds(), SLICE_ELEMENTS, clipped, lambda_softmax)  # backward's too
+        ctx.args = (groups.order, groups.kernel_bounds(rows.size(1)), clipped, lambda_softmax)  # backward's too
         out, *saved = attention_kernel.load().grouped_forward(rows, cols, row_mask, col_lengths, *ctx.args,
                                                               backward_needs)
         if backward_needs:

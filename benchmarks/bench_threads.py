@@ -21,19 +21,24 @@ import time
 
 from benchmarks.shapes import RSICD, write_dataset
 
-# name -> (processes, threads each, OpenMP wait settings (none: OpenMP's default), under torchrun)
-PASSIVE, SHORT_SPIN = {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "100000"}
-CONFIGS = {
-    "1 process, 1 thread": (1, 1, PASSIVE, False),
-    "1 process, 2 threads, OpenMP default wait": (1, 2, {}, False),
-    "1 process, 2 threads, PASSIVE": (1, 2, PASSIVE, False),
-    "2 processes side by side, 1 thread each": (2, 1, PASSIVE, False),
-    "2 processes side by side, 2 threads each, OpenMP default wait": (2, 2, {}, False),
-    "2 processes side by side, 2 threads each, PASSIVE": (2, 2, PASSIVE, False),
-    "torchrun --nproc_per_node 2 (gloo), 1 thread each": (2, 1, PASSIVE, True),
-    "1 process, 2 threads, GOMP_SPINCOUNT=100000": (1, 2, SHORT_SPIN, False),
-    "2 processes side by side, 2 threads each, GOMP_SPINCOUNT=100000": (2, 2, SHORT_SPIN, False),
-}
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configurations(spin: int) -> dict[str, tuple]:
+    """name -> (processes, threads each, OpenMP wait settings (none: OpenMP's default), under torchrun); the
+    short-spin ones spin `spin` times (GOMP_SPINCOUNT) before sleeping."""
+    short_spin = {"GOMP_SPINCOUNT": str(spin)}
+    return {
+        "1 process, 1 thread": (1, 1, PASSIVE, False),
+        "1 process, 2 threads, OpenMP default wait": (1, 2, {}, False),
+        "1 process, 2 threads, PASSIVE": (1, 2, PASSIVE, False),
+        "2 processes side by side, 1 thread each": (2, 1, PASSIVE, False),
+        "2 processes side by side, 2 threads each, OpenMP default wait": (2, 2, {}, False),
+        "2 processes side by side, 2 threads each, PASSIVE": (2, 2, PASSIVE, False),
+        "torchrun --nproc_per_node 2 (gloo), 1 thread each": (2, 1, PASSIVE, True),
+        f"1 process, 2 threads, GOMP_SPINCOUNT={spin}": (1, 2, short_spin, False),
+        f"2 processes side by side, 2 threads each, GOMP_SPINCOUNT={spin}": (2, 2, short_spin, False),
+    }
 
 
 def child(kind: str, data_flags: list[str], run_dir: str) -> None:
@@ -98,9 +103,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child, json.loads(args.data), args.run_dir)
-    configs = {name.replace("100000", str(args.spin)): (*config[:2], {"GOMP_SPINCOUNT": str(args.spin)}
-                                                        if config[2] is SHORT_SPIN else config[2], config[3])
-               for name, config in CONFIGS.items()}
+    configs = configurations(args.spin)
     names = list(configs)
     chosen = [names[int(i) - 1] for i in args.only.split(",")] if args.only else names
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before; {args.steps} steps of batch "

@@ -60,7 +60,7 @@ def paired_calls() -> tuple[list, list]:
         weight = weight.to(rows.dtype)
         packed = cols.reshape(-1, cols.size(-1)).index_select(0, index) * weight[:, None]
         offset = 0
-        for first, end, length in zip(bounds[0::3], bounds[1::3], bounds[2::3]):
+        for first, end, length in zip(bounds[0::4], bounds[1::4], bounds[2::4]):  # (rows a slice: all of them here)
             span = slice(offset, offset + (end - first) * length)
             vectors, offset = packed[span].view(length, end - first, -1), span.stop
             products.append((rows, vectors))
@@ -129,6 +129,7 @@ def main() -> None:
     bound = floor + medians["  raw-score matmuls and their gradients"] + medians["  fused kernel, forward + backward"]
     print(f"  floor + matmuls + kernel: {bound / floor:.2f}x the floor; the step: {ratio:.2f}x (the median of "
           f"{len(steps)} steps' ratios to their floor step)")
+
 
 if __name__ == "__main__":
     main()

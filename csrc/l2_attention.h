@@ -26,9 +26,8 @@ std::vector<at::Tensor> column_packing(const at::Tensor& col_lengths, const std:
                                        const std::vector<int64_t>& bounds, int64_t padded_len);
 std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_mask,
                                         const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
-                                        const std::vector<int64_t>& bounds, int64_t slice_elements, bool clipped,
-                                        double lambda, bool save);
+                                        const std::vector<int64_t>& bounds, bool clipped, double lambda, bool save);
 std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::Tensor& rows,
                                          const std::vector<at::Tensor>& saved, const std::vector<int64_t>& col_shape,
                                          const std::optional<at::Tensor>& order, const std::vector<int64_t>& bounds,
-                                         int64_t slice_elements, bool clipped, double lambda);
+                                         bool clipped, double lambda);

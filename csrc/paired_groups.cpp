@@ -14,13 +14,15 @@ namespace {
 
 struct Group {
   int64_t first, end, length;  // positions first..end-1 of the columns in group order, trimmed to length
+  int64_t rows_per_slice;      // rows scored against the group in one kernel call (model_local._slice_items)
   int64_t size() const { return end - first; }
 };
 
 std::vector<Group> groups_of(const std::vector<int64_t>& bounds) {
-  TORCH_CHECK(bounds.size() % 3 == 0, "bounds: (first, end, length) of each group, flattened");
+  TORCH_CHECK(bounds.size() % 4 == 0, "bounds: (first, end, length, rows a slice) of each group, flattened");
   std::vector<Group> groups;
-  for (size_t i = 0; i < bounds.size(); i += 3) groups.push_back({bounds[i], bounds[i + 1], bounds[i + 2]});
+  for (size_t i = 0; i < bounds.size(); i += 4)
+    groups.push_back({bounds[i], bounds[i + 1], bounds[i + 2], std::max<int64_t>(1, bounds[i + 3])});
   return groups;
 }
 
@@ -46,10 +48,9 @@ std::vector<GroupView> group_views(const std::vector<Group>& groups, const at::T
   return views;
 }
 
-// Slices [first, first + count) of the rows: (slice, Lr, n, L) scores of at most slice_elements values.
-std::vector<std::pair<int64_t, int64_t>> row_slices(int64_t n_rows, int64_t row_len, const Group& g,
-                                                    int64_t slice_elements) {
-  const int64_t step = std::max<int64_t>(1, slice_elements / (row_len * g.size() * g.length));
+// Slices [first, first + count) of the rows, the group's rows_per_slice each.
+std::vector<std::pair<int64_t, int64_t>> row_slices(int64_t n_rows, const Group& g) {
+  const int64_t step = g.rows_per_slice;
   std::vector<std::pair<int64_t, int64_t>> slices;
   for (int64_t first = 0; first < n_rows; first += step) slices.emplace_back(first, std::min(step, n_rows - first));
   return slices;
@@ -101,15 +102,15 @@ std::vector<at::Tensor> column_packing(const at::Tensor& col_lengths, const std:
 }
 
 // out (n_rows, n_cols) = att(Q = col, C = row) + att(Q = row, C = col) of trimmed rows (n_rows, Lr, d) and padded
-// columns (n_cols, padded_len, d) with col_lengths, the columns in the caption groups bounds ((first, end, length)
-// of each, flattened) of the columns' order (None: their own); then what grouped_backward needs when save.
+// columns (n_cols, padded_len, d) with col_lengths, the columns in the caption groups bounds ((first, end, length,
+// rows a slice) of each, flattened) of the columns' order (None: their own); then what grouped_backward needs when
+// save.
 std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_mask,
                                         const at::Tensor& col_lengths, const std::optional<at::Tensor>& order,
-                                        const std::vector<int64_t>& bounds, int64_t slice_elements, bool clipped,
-                                        double lambda, bool save) {
+                                        const std::vector<int64_t>& bounds, bool clipped, double lambda, bool save) {
   TORCH_CHECK(rows.dim() == 3 && cols.dim() == 3 && rows.size(2) == cols.size(2) && rows.device().is_cpu(),
               "rows (n, Lr, d) and columns (n, L, d) on CPU");
-  const int64_t dim = rows.size(2), n_rows = rows.size(0), row_len = rows.size(1);
+  const int64_t dim = rows.size(2), n_rows = rows.size(0);
   auto packing = column_packing(col_lengths, order, bounds, cols.size(1));
   const at::Tensor row_weight = row_mask.to(rows.scalar_type()), packed_weight = packing[1].to(rows.scalar_type());
   const at::Tensor packed = cols.reshape({-1, dim}).index_select(0, packing[0]).mul_(packed_weight.unsqueeze(1));
@@ -119,7 +120,7 @@ std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor
   if (save) result.insert(result.end(), {row_weight, packed, row_sq, packed_sq, packed_weight, packing[0]});
   for (const GroupView& view : group_views(groups_of(bounds), packed, packed_sq, packed_weight)) {
     const at::Tensor col_gram = gram_matrices(view.vectors.transpose(0, 1));
-    for (const auto& [first, count] : row_slices(n_rows, row_len, view.group, slice_elements)) {
+    for (const auto& [first, count] : row_slices(n_rows, view.group)) {
       const at::Tensor raw = raw_scores(rows.narrow(0, first, count), view.vectors);
       auto call = paired_forward(raw, row_gram.narrow(0, first, count), col_gram, row_sq.narrow(0, first, count),
                                  view.sq, row_weight.narrow(0, first, count), view.weight, clipped, lambda, save);
@@ -138,7 +139,7 @@ std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor
 std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::Tensor& rows,
                                          const std::vector<at::Tensor>& saved, const std::vector<int64_t>& col_shape,
                                          const std::optional<at::Tensor>& order, const std::vector<int64_t>& bounds,
-                                         int64_t slice_elements, bool clipped, double lambda) {
+                                         bool clipped, double lambda) {
   const at::Tensor &row_weight = saved[0], &packed = saved[1], &row_sq = saved[2], &packed_sq = saved[3],
                    &packed_weight = saved[4], &index = saved[5];
   const int64_t dim = rows.size(2), n_rows = rows.size(0), row_len = rows.size(1);
@@ -150,7 +151,7 @@ std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::T
     const int64_t n = view.group.size(), length = view.group.length;
     at::Tensor grad_cols = grad_packed.narrow(0, view.offset, n * length).view({-1, dim});
     auto grad_col_gram = at::zeros({n, length, length}, rows.options()), grad_col_sq = at::zeros_like(view.sq);
-    for (const auto& [first, count] : row_slices(n_rows, row_len, view.group, slice_elements)) {
+    for (const auto& [first, count] : row_slices(n_rows, view.group)) {
       TORCH_CHECK(call + kPerCall <= saved.size(), "grouped_backward: fewer saved tensors than kernel calls");
       const std::vector<at::Tensor> first_state(saved.begin() + call + 1, saved.begin() + call + 6),
           second_state(saved.begin() + call + 6, saved.begin() + call + kPerCall);

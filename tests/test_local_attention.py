@@ -148,7 +148,7 @@ def test_column_groups_follow_the_batch_order_and_pack_each_group_to_its_longest
     def packing(groups: model_local.ColumnGroups, lengths: list[int], padded_len: int) -> tuple[list, list]:
         """The kernel's packed rows of the flat columns and their weights (csrc/paired_groups.cpp)."""
         index, weight = attention_kernel.load().column_packing(torch.tensor(lengths), groups.order,
-                                                               groups.flat_bounds(), padded_len)
+                                                               groups.kernel_bounds(row_len=1), padded_len)
         return index.tolist(), weight.tolist()
 
     same = model_local.ColumnGroups.of(torch.tensor([4, 4, 4]))
