@@ -1,10 +1,10 @@
-"""The fused CPU kernel of the local cross-attention (csrc/l2_attention.cpp, csrc/paired_groups.cpp), built on
-first use.
+"""The compiled CPU kernels, built on first use: the fused local cross-attention (csrc/l2_attention.cpp,
+csrc/paired_groups.cpp) and the MSB loss of both subnetworks (csrc/msb_loss.cpp).
 
-torch's C++ extension loader compiles it once per machine into ~/.cache/torch_extensions (about a minute;
+torch's C++ extension loader compiles them once per machine into ~/.cache/torch_extensions (about a minute;
 later processes load the cached library in a second). Without a C++ compiler, or with
-M2HSE_ATTENTION_KERNEL=0, the local subnetwork uses its tensor-op path: the same formula (equal
-to 1e-12 in float64, tests/test_attention_kernel.py), slower.
+M2HSE_ATTENTION_KERNEL=0, the local subnetwork uses its tensor-op path and the loss its tensor ops: the same
+formulas (equal to 1e-12 in float64, tests/test_attention_kernel.py), slower.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("l2_attention.cpp", "paired_groups.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("l2_attention.cpp", "paired_groups.cpp",
+                                                                          "msb_loss.cpp")]
 # -march=native: the cached library is built for this CPU, so its name carries the CPU's identity below
 # (torch's loader itself rebuilds it when the source or the flags change).
 # -fno-math-errno / -fno-trapping-math: exp and the branches of the leaky ReLU and clamps vectorise (also on

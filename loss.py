@@ -1,9 +1,10 @@
-"""Multi-spring balance (MSB) loss, docs/METHOD.md section 5, vectorised over anchors."""
+"""Multi-spring balance (MSB) loss, docs/METHOD.md section 5, vectorised over anchors (compiled on a CPU)."""
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
+import attention_kernel
 from metrics import relevance  # positives: the relevant pairs of the batch
 
 
@@ -25,34 +26,56 @@ def msb_loss(sims: torch.Tensor, labels: torch.Tensor, gamma_1: float = 1.0, gam
 
 
 class _MSBLoss(torch.autograd.Function):
-    """msb_loss, both anchor directions (rows, then columns: the transposed matrices) in one stack, and its gradient
-    built in the forward pass from the softmax weights its log-sum-exps already give: a few tensor ops where
-    autograd would record and replay several hundred."""
+    """msb_loss, with its gradient built in the forward pass from the softmax weights its log-sum-exps already give
+    (the backward is one multiply): on a CPU by the compiled kernel (csrc/msb_loss.cpp), elsewhere by _msb_terms."""
 
     @staticmethod
     def forward(ctx, sims, pos, gamma_1: float, gamma_2: float, delta: float):
-        both = torch.stack((sims, sims.transpose(-1, -2)))  # (2, ..., B, B): rows as anchors, then columns
-        pos = torch.stack((pos, pos.T)).view((2,) + (1,) * (sims.dim() - 2) + pos.shape)
-        keep_pos, keep_neg = _mine(both, pos, delta)
-        valid = (keep_pos.any(-1) & keep_neg.any(-1)).all(0)  # an anchor needs both of its kept sets, both ways
-        # Skipped anchors get a full mask so their (unused) log-sum-exp stays finite.
-        full = ~valid[..., None]
-        pos_logits = (gamma_2 - gamma_1 * both).masked_fill_(~(keep_pos | full), float("-inf"))
-        neg_logits = (gamma_1 * both - gamma_2).masked_fill_(~(keep_neg | full), float("-inf"))
-        pos_term, neg_term = pos_logits.logsumexp(-1), neg_logits.logsumexp(-1)
-        per_anchor = torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0)
-        if ctx.needs_input_grad[0]:
-            # d(term / gamma_1)/ds: the softmax weights of the kept negatives minus those of the kept positives
-            grad = (neg_logits - neg_term[..., None]).exp_().sub_((pos_logits - pos_term[..., None]).exp_())
-            grad = grad.mul_(valid[..., None]).div_(sims.size(-1))
-            ctx.save_for_backward(grad[0] + grad[1].transpose(-1, -2))
-        return (per_anchor[0].sum(-1) + per_anchor[1].sum(-1)) / sims.size(-1)
+        with_grad = ctx.needs_input_grad[0]
+        kernel = _cpu_kernel(sims)
+        if kernel is not None:
+            loss, grad = kernel.msb_loss(sims, pos, gamma_1, gamma_2, delta, with_grad)
+        else:
+            loss, grad = _msb_terms(sims, pos, gamma_1, gamma_2, delta, with_grad)
+        if with_grad:
+            ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: no second derivative through it
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out[..., None, None], None, None, None, None
+
+
+def _cpu_kernel(sims: torch.Tensor):
+    """The compiled kernels for float32 / float64 similarities on a CPU, or None (other devices and types, no compiler,
+    M2HSE_ATTENTION_KERNEL=0)."""
+    serves = sims.device.type == "cpu" and sims.dtype in (torch.float32, torch.float64)
+    return attention_kernel.load() if serves else None
+
+
+def _msb_terms(sims: torch.Tensor, pos: torch.Tensor, gamma_1: float, gamma_2: float, delta: float,
+               with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss of each matrix of sims (..., B, B) and, with_grad, its gradient, as tensor ops: both anchor
+    directions (rows, then columns: the transposed matrices) in one stack."""
+    both = torch.stack((sims, sims.transpose(-1, -2)))  # (2, ..., B, B): rows as anchors, then columns
+    pos = torch.stack((pos, pos.T)).view((2,) + (1,) * (sims.dim() - 2) + pos.shape)
+    keep_pos, keep_neg = _mine(both, pos, delta)
+    valid = (keep_pos.any(-1) & keep_neg.any(-1)).all(0)  # an anchor needs both of its kept sets, both ways
+    # Skipped anchors get a full mask so their (unused) log-sum-exp stays finite.
+    full = ~valid[..., None]
+    pos_logits = (gamma_2 - gamma_1 * both).masked_fill_(~(keep_pos | full), float("-inf"))
+    neg_logits = (gamma_1 * both - gamma_2).masked_fill_(~(keep_neg | full), float("-inf"))
+    pos_term, neg_term = pos_logits.logsumexp(-1), neg_logits.logsumexp(-1)
+    per_anchor = torch.where(valid, (pos_term + neg_term) / gamma_1, 0.0)
+    loss = (per_anchor[0].sum(-1) + per_anchor[1].sum(-1)) / sims.size(-1)
+    if not with_grad:
+        return loss, None
+    # d(term / gamma_1)/ds: the softmax weights of the kept negatives minus those of the kept positives
+    grad = (neg_logits - neg_term[..., None]).exp_().sub_((pos_logits - pos_term[..., None]).exp_())
+    grad = grad.mul_(valid[..., None]).div_(sims.size(-1))
+    return loss, grad[0] + grad[1].transpose(-1, -2)
 
 
 def triplet_loss(sims: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:

@@ -2,7 +2,8 @@
 //
 // Same formula and inputs as model_local._L2Attention. Raw scores come as (n_rows, row_len, n_cols, col_len):
 // raw[b, k, c, l] = <row fragment b_k, column fragment c_l>. The work is cut into tiles, one row item against a
-// block of W columns, copied into tile[k][l][c] with the columns along the vector lanes. Every sum of the formula
+// block of W columns, copied into tile[k][l][c] with the columns along the vector lanes (or read, and their gradient
+// written, in place: position-major scores of exactly W columns are laid out as the tiles). Every sum of the formula
 // (a query's positions for the norm and the mean, the context for the softmax, the Gram products) then runs over
 // whole vectors of W independent columns, and both directions of paired scores read the same tile:
 // att(Q = column, C = row) ("rows as context") and att(Q = row, C = column) ("columns as context"). A tile
@@ -60,6 +61,8 @@ struct Dims {
   explicit Dims(const at::Tensor& raw)
       : n_rows(raw.size(0)), row_len(raw.size(1)), n_cols(raw.size(2)), col_len(raw.size(3)),
         blocks((n_cols + W - 1) / W), tile(row_len * col_len * W), position_major(::position_major(raw)) {}
+  // Position-major scores of exactly one block of columns are laid out as the tiles: read and written in place.
+  bool in_place() const { return position_major && n_cols == W; }
   int64_t tile_of(int64_t i, int64_t j) const { return (i * col_len + j) * W; }  // tile[i][j][0]
   // raw[b, k, c, l] in memory
   int64_t raw_at(int64_t b, int64_t k, int64_t c, int64_t l) const {
@@ -394,13 +397,14 @@ void forward_all(const Dims& d, const T* raw, const Rows<T>& rows, const Columns
       const int64_t b = t / d.blocks, q = t % d.blocks;
       const Row<T> row = rows.item(d, b);
       const Block<T> col = block_of(cols, q);
-      load_tile(d, raw, b, q, tile.data());
-      leaky_tile(d, tile.data(), negative_slope, scores.data());
+      const T* scores_in = d.in_place() ? raw + b * d.tile : tile.data();
+      if (!d.in_place()) load_tile(d, raw, b, q, tile.data());
+      leaky_tile(d, scores_in, negative_slope, scores.data());
       std::fill(tile_out.begin(), tile_out.end(), T(0));
-      forward_rows_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
+      forward_rows_as_context(d, scores_in, scores.data(), row, col, T(lambda),
                               save ? rows_saved.tile(t) : rows_scratch.view, tile_out.data());
       if (dirs.paired())
-        forward_cols_as_context(d, tile.data(), scores.data(), row, col, T(lambda),
+        forward_cols_as_context(d, scores_in, scores.data(), row, col, T(lambda),
                                 save ? cols_saved.tile(t) : cols_scratch.view, tile_out.data());
       const int64_t lanes = std::min(W, d.n_cols - q * W);
       std::copy(tile_out.begin(), tile_out.begin() + lanes, out + b * d.n_cols + q * W);
@@ -605,18 +609,18 @@ void backward_all(const Dims& d, const T* raw, const T* grad_out, const Rows<T>&
           const Block<T> col = block_of(cols, q);
           std::fill(lanes_out.begin(), lanes_out.end(), T(0));
           std::copy(grad_out + b * d.n_cols + q * W, grad_out + b * d.n_cols + q * W + lanes, lanes_out.begin());
-          load_tile(d, raw, b, q, scratch.tile.data());
-          leaky_tile(d, scratch.tile.data(), negative_slope, scratch.scores.data());
-          std::fill(scratch.grad.begin(), scratch.grad.end(), T(0));
-          backward_rows_as_context(d, scratch.tile.data(), scratch.scores.data(), col, T(lambda),
-                                   negative_slope, rows_saved.tile(t), lanes_out.data(), scratch,
-                                   scratch.grad.data(), row_gram, col_sq_parts.data() + part * sq_part + q * lq * W);
+          const T* tile = d.in_place() ? raw + b * d.tile : scratch.tile.data();
+          T* grad = d.in_place() ? grad_raw + b * d.tile : scratch.grad.data();  // the rows' pass writes all of it
+          if (!d.in_place()) load_tile(d, raw, b, q, scratch.tile.data());
+          leaky_tile(d, tile, negative_slope, scratch.scores.data());
+          backward_rows_as_context(d, tile, scratch.scores.data(), col, T(lambda), negative_slope, rows_saved.tile(t),
+                                   lanes_out.data(), scratch, grad, row_gram,
+                                   col_sq_parts.data() + part * sq_part + q * lq * W);
           if (dirs.paired())
-            backward_cols_as_context(d, scratch.tile.data(), scratch.scores.data(), row, T(lambda),
-                                     negative_slope, cols_saved.tile(t), lanes_out.data(), scratch,
-                                     scratch.grad.data(), col_gram_parts.data() + part * gram_part + q * lq * lq * W,
-                                     grad_row_sq + b * lr);
-          store_tile(d, scratch.grad.data(), b, q, grad_raw);
+            backward_cols_as_context(d, tile, scratch.scores.data(), row, T(lambda), negative_slope,
+                                     cols_saved.tile(t), lanes_out.data(), scratch, grad,
+                                     col_gram_parts.data() + part * gram_part + q * lq * lq * W, grad_row_sq + b * lr);
+          if (!d.in_place()) store_tile(d, grad, b, q, grad_raw);
         }
         mirror_upper(lr, row_gram);
       }
@@ -778,4 +782,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("column_packing", &column_packing, "packed rows and weights of caption groups");
   m.def("grouped_forward", &grouped_forward, "paired scores of all caption groups (csrc/paired_groups.cpp)");
   m.def("grouped_backward", &grouped_backward, "their gradients with respect to the rows and the columns");
+  m.def("msb_loss", &msb_loss, "MSB loss of a stack of square similarity matrices, and its gradient (msb_loss.cpp)");
 }

@@ -1,5 +1,5 @@
-// Entry points of the fused attention kernel: one pair of scores tensors (l2_attention.cpp) and all caption groups of
-// a paired_attention call (paired_groups.cpp).
+// Entry points of the fused CPU kernels: the attention of one pair of scores tensors (l2_attention.cpp), all caption
+// groups of a paired_attention call (paired_groups.cpp), and the MSB loss (msb_loss.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -31,3 +31,6 @@ std::vector<at::Tensor> grouped_backward(const at::Tensor& grad_out, const at::T
                                          const std::vector<at::Tensor>& saved, const std::vector<int64_t>& col_shape,
                                          const std::optional<at::Tensor>& order, const std::vector<int64_t>& bounds,
                                          bool clipped, double lambda);
+
+std::vector<at::Tensor> msb_loss(const at::Tensor& sims, const at::Tensor& pos, double gamma_1, double gamma_2,
+                                 double delta, bool with_grad);

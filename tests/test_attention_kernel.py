@@ -1,13 +1,17 @@
-"""The fused CPU attention kernel (csrc/l2_attention.cpp) against the tensor-op form it replaces."""
+"""The compiled CPU kernels against the tensor-op forms they replace: the fused attention (csrc/l2_attention.cpp,
+csrc/paired_groups.cpp) and the MSB loss (csrc/msb_loss.cpp)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import attention_kernel
+import loss
 import model_local
+from metrics import relevance
 from model_local import Fragments, _FusedL2Attention, _L2Attention, _raw_scores
 from tests.test_local_attention import unit_fragments
+from tests.test_loss import skipped_anchor_batch
 
 
 def padded_fragments(lengths: list[int], seed: int) -> Fragments:
@@ -64,11 +68,12 @@ def tensor_op_both_ways(rows: Fragments, cols: Fragments, clipped: bool) -> list
     return [out, *torch.autograd.grad((out * projection).sum(), [raw, *grams, *sq_norms])]
 
 
-def many_rows_and_columns() -> tuple[Fragments, Fragments]:
+def many_rows_and_columns(n_cols: int = 37) -> tuple[Fragments, Fragments]:
     """20 rows (three of the backward's blocks of 8 rows) against 37 columns (three blocks of 16 lanes, the last
-    one partial), both with padded items."""
+    one partial; 16 columns: one block, whose position-major scores the kernel reads in place), both with padded
+    items."""
     rows = padded_fragments([9, 9, 4, 9, 7] * 4, seed=14)
-    cols = padded_fragments([(3 + 5 * i) % 11 + 1 for i in range(37)], seed=15)
+    cols = padded_fragments([(3 + 5 * i) % 11 + 1 for i in range(n_cols)], seed=15)
     return rows, cols
 
 
@@ -106,19 +111,21 @@ def test_both_directions_in_one_call_give_the_bits_of_two_calls(row_lengths, col
     assert state[0].numel() == 0 and state[5].numel() == 0 and torch.equal(out, paired[0])
 
 
+@pytest.mark.parametrize("n_cols", [37, 16])
 @pytest.mark.parametrize("position_major", [False, True])
 @pytest.mark.parametrize("clipped", [True, False])
-def test_columns_in_several_lane_blocks_and_rows_in_several_blocks_equal_the_tensor_op_form(position_major,
+def test_columns_in_several_lane_blocks_and_rows_in_several_blocks_equal_the_tensor_op_form(n_cols, position_major,
                                                                                           clipped) -> None:
-    rows, cols = many_rows_and_columns()
+    rows, cols = many_rows_and_columns(n_cols)
     fused, plain = kernel_both_ways(True, rows, cols, clipped, position_major), tensor_op_both_ways(rows, cols, clipped)
     for name, a, b in zip(["value", "d raw", "d row gram", "d col gram", "d row norms", "d col norms"], fused, plain):
         assert a.shape == b.shape, name
         assert (a - b).abs().max().item() < 1e-12, name
 
 
-def test_both_layouts_of_the_raw_scores_give_the_same_bits() -> None:
-    rows, cols = many_rows_and_columns()
+@pytest.mark.parametrize("n_cols", [37, 16])
+def test_both_layouts_of_the_raw_scores_give_the_same_bits(n_cols) -> None:
+    rows, cols = many_rows_and_columns(n_cols)
     for a, b in zip(kernel_both_ways(True, rows, cols, True), kernel_both_ways(True, rows, cols, True, True)):
         assert torch.equal(a, b)
 
@@ -211,3 +218,33 @@ def test_paired_attention_runs_both_directions_in_the_paired_kernel(monkeypatch)
     plain = model_local.paired_attention(blocks.vectors, torch.tensor([9, 9, 9]), words.vectors,
                                          torch.tensor([3, 7, 5, 7]))
     assert len(calls) == 1 and (fused - plain).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_msb_loss_kernel_equals_its_tensor_ops(dtype) -> None:
+    kernel = attention_kernel.load()
+    g = torch.Generator().manual_seed(4)
+    easy_sims, easy_labels, _ = skipped_anchor_batch()  # anchors skipped in both directions
+    cases = [(torch.rand(3, 64, 64, generator=g, dtype=dtype) * 2 - 1, torch.randint(0, 30, (64,), generator=g)),
+             (torch.rand(2, 2, 9, 9, generator=g, dtype=dtype), torch.randint(0, 3, (9,), generator=g)),
+             (easy_sims.detach().to(dtype), easy_labels),
+             (torch.rand(5, 5, generator=g, dtype=dtype), torch.zeros(5, dtype=torch.long))]  # no negatives
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for sims, labels in cases:
+        pos = relevance(labels, labels)
+        for gammas in ((1.0, 0.5, 0.1), (2.0, 0.0, 0.3)):
+            value, grad = kernel.msb_loss(sims, pos, *gammas, True)
+            ref, ref_grad = loss._msb_terms(sims, pos, *gammas, True)
+            assert value.shape == ref.shape == sims.shape[:-2] and grad.shape == sims.shape
+            assert value.dtype == grad.dtype == dtype
+            assert (value - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+            assert (grad - ref_grad).abs().max() <= tol
+            without, none = kernel.msb_loss(sims, pos, *gammas, False)
+            assert none is None and torch.equal(without, value)
+    assert (loss._msb_terms(*cases[0][:1], relevance(cases[0][1], cases[0][1]), 1.0, 0.5, 0.1, False)[0] > 0).all()
+    assert loss._msb_terms(*cases[3][:1], relevance(cases[3][1], cases[3][1]), 1.0, 0.5, 0.1, False)[0] == 0
+
+
+def test_the_loss_kernel_serves_float32_and_float64_on_a_cpu() -> None:
+    assert all(loss._cpu_kernel(torch.zeros(2, 2, dtype=dtype)) is not None for dtype in (torch.float32, torch.float64))
+    assert loss._cpu_kernel(torch.zeros(2, 2, dtype=torch.bfloat16)) is None

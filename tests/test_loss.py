@@ -1,13 +1,25 @@
-"""Vectorised MSB loss (loss.msb_loss) against the looped reference of docs/METHOD.md section 5 (tests/references)."""
+"""MSB loss (loss.msb_loss) against the looped reference of docs/METHOD.md section 5 (tests/references): every test
+runs on both implementations, the compiled CPU kernel (csrc/msb_loss.cpp) and the tensor ops (other devices)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import loss as loss_module
 from loss import msb_loss
 from tests.references import msb_anchor_terms, msb_loss_reference
 
 TOL = 1e-6
+
+
+@pytest.fixture(params=["kernel", "tensor ops"], autouse=True)
+def implementation(request, monkeypatch) -> str:
+    """Each test once with the compiled kernel and once with the tensor ops."""
+    if request.param == "kernel":
+        assert loss_module._cpu_kernel(torch.zeros(2, 2)) is not None, "the compiled kernel does not build here"
+    else:
+        monkeypatch.setattr(loss_module, "_cpu_kernel", lambda sims: None)
+    return request.param
 
 
 def random_batch(batch: int, n_labels: int, seed: int, separation: float = 0.0):
@@ -189,3 +201,4 @@ def test_a_stack_of_matrices_gives_each_matrix_its_own_loss(name: str) -> None:
                                       stack[i].detach().requires_grad_(), labels)
         assert abs(weights[i] * stacked[i].item() - one.item()) < 1e-12 and one.item() != 0
         assert (stacked_grad[i] - one_grad).abs().max().item() < 1e-12
+
