@@ -4,8 +4,9 @@
 // position-major (position l of every column of the group, then l + 1), so that the raw-score matmul of a group
 // gives the kernel (l2_attention.cpp) its scores with the columns along the vector lanes. Rows come in slices that
 // keep a call's intermediates cache-sized. This file is the loop over groups and slices, with the matmuls, Gram
-// matrices and norms around each kernel call and their gradients: the same tensor ops in the same order as the
-// Python loop it replaces, which cost more in interpreter and dispatch time than in arithmetic at training sizes.
+// matrices and norms around each kernel call and their gradients (a Python loop of tensor ops cost more in
+// interpreter and dispatch time than in arithmetic at training sizes). The Gram matrices, norms and their gradients
+// are loops of their own: one item's sets are too small for batched matmuls to pay.
 #include "l2_attention.h"
 
 #include <algorithm>
@@ -56,8 +57,6 @@ std::vector<std::pair<int64_t, int64_t>> row_slices(int64_t n_rows, const Group&
   return slices;
 }
 
-at::Tensor gram_matrices(const at::Tensor& vectors) { return at::bmm(vectors, vectors.transpose(1, 2)); }
-
 // a[b, k, l, c] = <rows[b, k], vectors[l, c]>, viewed as (n_rows, Lr, n, L): position-major scores.
 at::Tensor raw_scores(const at::Tensor& rows, const at::Tensor& vectors) {
   const int64_t dim = rows.size(2);
@@ -66,11 +65,112 @@ at::Tensor raw_scores(const at::Tensor& rows, const at::Tensor& vectors) {
       .transpose(2, 3);
 }
 
-// grad (n, L, d) += (dG + dG^T) X + 2 d|x|^2 x, the gradients through G = X X^T and |x|^2; grad and vectors may be
-// transposed views (bmm into a fresh tensor: an in-place baddbmm_ on a view runs item by item).
-void add_gram_and_norm_grads(at::Tensor grad, const at::Tensor& vectors, const at::Tensor& grad_gram,
+// Products of fragment vectors (d contiguous values each) for the Gram matrices, their norms and their gradients,
+// written for the small sets of one item (9 blocks, up to about 20 words) that batched matmuls serve poorly.
+constexpr int64_t kRowsAtOnce = 4;  // independent sums at a time: hides each one's latency
+constexpr int64_t kValuesAtOnce = 32;  // values of a vector a sum keeps in registers
+
+// out[j] = <a, b_j> for the n <= kRowsAtOnce vectors b_j at b + j stride.
+template <typename T>
+inline void dots(const T* a, const T* b, int64_t stride, int64_t n, int64_t dim, T* out) {
+  const T *b0 = b, *b1 = n > 1 ? b + stride : b, *b2 = n > 2 ? b + 2 * stride : b, *b3 = n > 3 ? b + 3 * stride : b;
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t e = 0; e < dim; ++e) {
+    s0 += a[e] * b0[e];
+    s1 += a[e] * b1[e];
+    s2 += a[e] * b2[e];
+    s3 += a[e] * b3[e];
+  }
+  const T sums[kRowsAtOnce] = {s0, s1, s2, s3};
+  for (int64_t j = 0; j < n; ++j) out[j] = sums[j];
+}
+
+// to_r += sum_j coef[r][j] x_j for the kRowsAtOnce rows r (coef rows of n values; rows past n_rows are not written)
+// of the n vectors x_j at x + j x_stride, a chunk of kValuesAtOnce values at a time.
+template <typename T>
+void add_combinations(const T* coef, int64_t n_rows, const T* x, int64_t x_stride, int64_t n, int64_t dim, T* to,
+                      int64_t to_stride) {
+  int64_t e0 = 0;
+  for (; e0 + kValuesAtOnce <= dim; e0 += kValuesAtOnce) {
+    T acc[kRowsAtOnce][kValuesAtOnce] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const T* xj = x + j * x_stride + e0;
+      for (int64_t r = 0; r < kRowsAtOnce; ++r) {
+        const T c = coef[r * n + j];
+#pragma omp simd
+        for (int64_t e = 0; e < kValuesAtOnce; ++e) acc[r][e] += c * xj[e];
+      }
+    }
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t e = 0; e < kValuesAtOnce; ++e) to[r * to_stride + e0 + e] += acc[r][e];
+  }
+  for (; e0 < dim; ++e0)  // the rest of a dimension not a multiple of kValuesAtOnce
+    for (int64_t r = 0; r < n_rows; ++r) {
+      T sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += coef[r * n + j] * x[j * x_stride + e0];
+      to[r * to_stride + e0] += sum;
+    }
+}
+
+// The Gram matrices X X^T (n, L, L) of fragment sets (n, L, d), each vector contiguous, the sets and positions in any
+// strides (the packed columns are a transposed view).
+at::Tensor gram_matrices(const at::Tensor& fragments) {
+  const at::Tensor x = fragments.stride(2) == 1 ? fragments : fragments.contiguous();
+  const int64_t n = x.size(0), len = x.size(1), dim = x.size(2), set_stride = x.stride(0), pos_stride = x.stride(1);
+  auto gram = at::empty({n, len, len}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gram_matrices", [&] {
+    const scalar_t* at_x = x.data_ptr<scalar_t>();
+    scalar_t* g = gram.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < n; ++c, g += len * len) {
+      const scalar_t* item = at_x + c * set_stride;
+      for (int64_t k = 0; k < len; ++k) {
+        for (int64_t j = k; j < len; j += kRowsAtOnce)
+          dots(item + k * pos_stride, item + j * pos_stride, pos_stride, std::min(kRowsAtOnce, len - j), dim,
+               g + k * len + j);
+        for (int64_t j = k + 1; j < len; ++j) g[j * len + k] = g[k * len + j];
+      }
+    }
+  });
+  return gram;
+}
+
+// |x|^2 of the vectors (..., d) of a tensor, shaped (...).
+at::Tensor squared_norms(const at::Tensor& vectors) {
+  const at::Tensor x = vectors.contiguous();
+  const int64_t dim = x.size(-1), m = dim ? x.numel() / dim : 0;
+  auto sq = at::empty(x.sizes().slice(0, x.dim() - 1), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "squared_norms", [&] {
+    const scalar_t* at_x = x.data_ptr<scalar_t>();
+    scalar_t* out = sq.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < m; ++i) dots(at_x + i * dim, at_x + i * dim, dim, 1, dim, out + i);
+  });
+  return sq;
+}
+
+// grad (n, L, d) += (dG + dG^T + 2 diag(d|x|^2)) X, the gradients through G = X X^T and |x|^2 of fragments X (n, L,
+// d); grad in any strides with each vector contiguous (the packed columns' gradient is a transposed view).
+void add_gram_and_norm_grads(const at::Tensor& grad, const at::Tensor& fragments, const at::Tensor& grad_gram,
                              const at::Tensor& grad_sq) {
-  grad.add_(at::bmm(grad_gram + grad_gram.transpose(1, 2), vectors)).addcmul_(grad_sq.unsqueeze(-1), vectors, 2);
+  TORCH_CHECK(grad.stride(2) == 1, "the fragments' gradient: each vector contiguous");
+  const at::Tensor x = fragments.stride(2) == 1 ? fragments : fragments.contiguous();
+  const int64_t n = x.size(0), len = x.size(1), dim = x.size(2);
+  const int64_t padded = (len + kRowsAtOnce - 1) / kRowsAtOnce * kRowsAtOnce;
+  const at::Tensor gg = grad_gram.contiguous(), gs = grad_sq.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_gram_and_norm_grads", [&] {
+    const scalar_t *at_x = x.data_ptr<scalar_t>(), *at_gg = gg.data_ptr<scalar_t>(), *at_gs = gs.data_ptr<scalar_t>();
+    scalar_t* at_grad = grad.data_ptr<scalar_t>();
+    std::vector<scalar_t> m(padded * len, scalar_t(0));  // rows past len stay 0
+    for (int64_t c = 0; c < n; ++c) {
+      const scalar_t *dg = at_gg + c * len * len, *ds = at_gs + c * len;
+      for (int64_t l = 0; l < len; ++l)
+        for (int64_t j = 0; j < len; ++j) m[l * len + j] = dg[l * len + j] + dg[j * len + l];
+      for (int64_t l = 0; l < len; ++l) m[l * len + l] += 2 * ds[l];
+      for (int64_t l = 0; l < len; l += kRowsAtOnce)
+        add_combinations(m.data() + l * len, std::min(kRowsAtOnce, len - l), at_x + c * x.stride(0), x.stride(1), len,
+                         dim, at_grad + c * grad.stride(0) + l * grad.stride(1), grad.stride(1));
+    }
+  });
 }
 
 constexpr size_t kFixedSaved = 6;  // row_weight, packed, row_sq, packed_sq, packed_weight, index; then each call's
@@ -114,7 +214,7 @@ std::vector<at::Tensor> grouped_forward(const at::Tensor& rows, const at::Tensor
   auto packing = column_packing(col_lengths, order, bounds, cols.size(1));
   const at::Tensor row_weight = row_mask.to(rows.scalar_type()), packed_weight = packing[1].to(rows.scalar_type());
   const at::Tensor packed = cols.reshape({-1, dim}).index_select(0, packing[0]).mul_(packed_weight.unsqueeze(1));
-  const at::Tensor row_sq = rows.pow(2).sum(-1), packed_sq = packed.pow(2).sum(-1), row_gram = gram_matrices(rows);
+  const at::Tensor row_sq = squared_norms(rows), packed_sq = squared_norms(packed), row_gram = gram_matrices(rows);
   auto out = at::empty({n_rows, cols.size(0)}, rows.options());
   std::vector<at::Tensor> result{out};
   if (save) result.insert(result.end(), {row_weight, packed, row_sq, packed_sq, packed_weight, packing[0]});
