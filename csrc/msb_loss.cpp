@@ -26,16 +26,22 @@ struct Anchor {
 };
 
 // The anchor's kept sets (mined on the unmined sets), log-sum-exps and, into grad (B), the softmax weights of its kept
-// negatives minus those of its kept positives: d term / d s. s and pos are the anchor's B entries, contiguous.
+// negatives minus those of its kept positives: d term / d s. s and pos are the anchor's B entries, contiguous. An
+// anchor with a NaN similarity is skipped with a NaN gradient, as the tensor ops give it (the trainer then stops).
 template <typename T>
 Anchor<T> anchor_terms(const T* s, const T* pos, int64_t n, T g1, T g2, T delta, std::vector<T>& buffer, T* grad) {
   constexpr T inf = std::numeric_limits<T>::infinity();
-  T hardest_neg = -inf, easiest_pos = inf;
-#pragma omp simd reduction(max : hardest_neg) reduction(min : easiest_pos)
+  T hardest_neg = -inf, easiest_pos = inf, nans = 0;
+#pragma omp simd reduction(max : hardest_neg) reduction(min : easiest_pos) reduction(+ : nans)
   for (int64_t j = 0; j < n; ++j) {
     const T as_pos = pos[j] != 0 ? s[j] : inf, as_neg = pos[j] != 0 ? -inf : s[j];
     easiest_pos = as_pos < easiest_pos ? as_pos : easiest_pos;
     hardest_neg = as_neg > hardest_neg ? as_neg : hardest_neg;
+    nans += s[j] != s[j] ? T(1) : T(0);
+  }
+  if (nans != 0) {
+    std::fill(grad, grad + n, std::numeric_limits<T>::quiet_NaN());
+    return {T(0), false};
   }
   T *keep_pos = buffer.data(), *keep_neg = keep_pos + n, *pos_logit = keep_neg + n, *neg_logit = pos_logit + n;
   const T pos_bound = hardest_neg + delta, neg_bound = easiest_pos - delta;

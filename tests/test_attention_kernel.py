@@ -229,6 +229,9 @@ def test_the_msb_loss_kernel_equals_its_tensor_ops(dtype) -> None:
              (torch.rand(2, 2, 9, 9, generator=g, dtype=dtype), torch.randint(0, 3, (9,), generator=g)),
              (easy_sims.detach().to(dtype), easy_labels),
              (torch.rand(5, 5, generator=g, dtype=dtype), torch.zeros(5, dtype=torch.long))]  # no negatives
+    with_nan = torch.rand(12, 12, generator=g, dtype=dtype) * 2 - 1
+    with_nan[3, 7] = float("nan")  # skips anchors 3 and 7 with NaN gradients, so that the trainer stops
+    cases.append((with_nan, torch.randint(0, 3, (12,), generator=g)))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for sims, labels in cases:
         pos = relevance(labels, labels)
@@ -238,11 +241,14 @@ def test_the_msb_loss_kernel_equals_its_tensor_ops(dtype) -> None:
             assert value.shape == ref.shape == sims.shape[:-2] and grad.shape == sims.shape
             assert value.dtype == grad.dtype == dtype
             assert (value - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
-            assert (grad - ref_grad).abs().max() <= tol
+            assert torch.equal(grad.isnan(), ref_grad.isnan())
+            assert (grad - ref_grad).nan_to_num().abs().max() <= tol
             without, none = kernel.msb_loss(sims, pos, *gammas, False)
             assert none is None and torch.equal(without, value)
     assert (loss._msb_terms(*cases[0][:1], relevance(cases[0][1], cases[0][1]), 1.0, 0.5, 0.1, False)[0] > 0).all()
     assert loss._msb_terms(*cases[3][:1], relevance(cases[3][1], cases[3][1]), 1.0, 0.5, 0.1, False)[0] == 0
+    nan_grad = loss._msb_terms(with_nan, relevance(cases[4][1], cases[4][1]), 1.0, 0.5, 0.1, True)[1].isnan()
+    assert nan_grad.any() and not nan_grad.all()
 
 
 def test_the_loss_kernel_serves_float32_and_float64_on_a_cpu() -> None:
