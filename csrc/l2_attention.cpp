@@ -17,15 +17,7 @@
 #include <cmath>
 #include <vector>
 
-#pragma omp declare simd notinbranch
-extern "C" double exp(double);
-#pragma omp declare simd notinbranch
-extern "C" float expf(float);
-
 namespace {
-
-inline float vector_exp(float x) { return expf(x); }
-inline double vector_exp(double x) { return exp(x); }
 
 constexpr double kLeakySlope = 0.1;  // model_local.LEAKY_SLOPE
 constexpr double kL2Eps = 1e-8;      // encoders.L2_EPS

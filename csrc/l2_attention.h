@@ -7,6 +7,15 @@
 #include <optional>
 #include <vector>
 
+// exp of floats and doubles, vectorised in simd loops by glibc's vector math library (the extension links -lmvec)
+#pragma omp declare simd notinbranch
+extern "C" double exp(double);
+#pragma omp declare simd notinbranch
+extern "C" float expf(float);
+
+inline float vector_exp(float x) { return expf(x); }
+inline double vector_exp(double x) { return exp(x); }
+
 std::vector<at::Tensor> forward(const at::Tensor& raw, const at::Tensor& gram, const at::Tensor& query_sq,
                                 const at::Tensor& query_mask, const at::Tensor& ctx_mask, bool clipped,
                                 double lambda, bool save);

@@ -8,15 +8,7 @@
 #include <limits>
 #include <vector>
 
-#pragma omp declare simd notinbranch
-extern "C" double exp(double);
-#pragma omp declare simd notinbranch
-extern "C" float expf(float);
-
 namespace {
-
-inline float msb_exp(float x) { return expf(x); }
-inline double msb_exp(double x) { return exp(x); }
 
 // What one anchor of one direction adds to the loss.
 template <typename T>
@@ -66,14 +58,14 @@ Anchor<T> anchor_terms(const T* s, const T* pos, int64_t n, T g1, T g2, T delta,
   T pos_sum = 0, neg_sum = 0;
 #pragma omp simd reduction(+ : pos_sum, neg_sum)
   for (int64_t j = 0; j < n; ++j) {
-    pos_sum += msb_exp(keep_pos[j] != 0 ? pos_logit[j] - pos_max : T(0)) * keep_pos[j];
-    neg_sum += msb_exp(keep_neg[j] != 0 ? neg_logit[j] - neg_max : T(0)) * keep_neg[j];
+    pos_sum += vector_exp(keep_pos[j] != 0 ? pos_logit[j] - pos_max : T(0)) * keep_pos[j];
+    neg_sum += vector_exp(keep_neg[j] != 0 ? neg_logit[j] - neg_max : T(0)) * keep_neg[j];
   }
   const T pos_term = std::log(pos_sum) + pos_max, neg_term = std::log(neg_sum) + neg_max;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j)
-    grad[j] = msb_exp(keep_neg[j] != 0 ? neg_logit[j] - neg_term : T(0)) * keep_neg[j] -
-              msb_exp(keep_pos[j] != 0 ? pos_logit[j] - pos_term : T(0)) * keep_pos[j];
+    grad[j] = vector_exp(keep_neg[j] != 0 ? neg_logit[j] - neg_term : T(0)) * keep_neg[j] -
+              vector_exp(keep_pos[j] != 0 ? pos_logit[j] - pos_term : T(0)) * keep_pos[j];
   return {(pos_term + neg_term) / g1, true};
 }
 
