@@ -69,19 +69,26 @@ Anchor<T> anchor_terms(const T* s, const T* pos, int64_t n, T g1, T g2, T delta,
   return {(pos_term + neg_term) / g1, true};
 }
 
+// The relevance (B x B) as 0 / 1 values, by rows and by columns (its transpose): what each anchor direction reads.
+template <typename T>
+struct Relevance {
+  std::vector<T> rows, cols;
+  Relevance(const bool* pos, int64_t n) : rows(n * n), cols(n * n) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) rows[i * n + j] = cols[j * n + i] = pos[i * n + j];
+  }
+};
+
 // One matrix (B x B): its loss, and its gradient into grad when not null.
 template <typename T>
-T matrix_loss(const T* sims, const bool* pos, int64_t n, T g1, T g2, T delta, T* grad) {
-  std::vector<T> transposed(n * n), pos_rows(n * n), pos_cols(n * n), row_grads(n * n), col_grads(n * n), buffer(4 * n);
+T matrix_loss(const T* sims, const Relevance<T>& pos, int64_t n, T g1, T g2, T delta, T* grad) {
+  std::vector<T> transposed(n * n), row_grads(n * n), col_grads(n * n), buffer(4 * n);
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      transposed[j * n + i] = sims[i * n + j];
-      pos_rows[i * n + j] = pos_cols[j * n + i] = pos[i * n + j];
-    }
+    for (int64_t j = 0; j < n; ++j) transposed[j * n + i] = sims[i * n + j];
   std::vector<Anchor<T>> rows(n), cols(n);
   for (int64_t i = 0; i < n; ++i) {
-    rows[i] = anchor_terms(sims + i * n, pos_rows.data() + i * n, n, g1, g2, delta, buffer, row_grads.data() + i * n);
-    cols[i] = anchor_terms(transposed.data() + i * n, pos_cols.data() + i * n, n, g1, g2, delta, buffer,
+    rows[i] = anchor_terms(sims + i * n, pos.rows.data() + i * n, n, g1, g2, delta, buffer, row_grads.data() + i * n);
+    cols[i] = anchor_terms(transposed.data() + i * n, pos.cols.data() + i * n, n, g1, g2, delta, buffer,
                            col_grads.data() + i * n);
   }
   // an anchor needs both of its kept sets, both ways (as its row and as its column)
@@ -116,10 +123,10 @@ std::vector<at::Tensor> msb_loss(const at::Tensor& sims, const at::Tensor& pos, 
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "msb_loss", [&] {
     const scalar_t* at_s = s.data_ptr<scalar_t>();
     scalar_t* at_loss = loss.data_ptr<scalar_t>();
+    const Relevance<scalar_t> relevance(relevant.data_ptr<bool>(), n);  // the same for every matrix of the stack
     for (int64_t m = 0; m < matrices; ++m)
-      at_loss[m] = matrix_loss<scalar_t>(at_s + m * n * n, relevant.data_ptr<bool>(), n, scalar_t(gamma_1),
-                                         scalar_t(gamma_2), scalar_t(delta),
-                                         with_grad ? grad.data_ptr<scalar_t>() + m * n * n : nullptr);
+      at_loss[m] = matrix_loss<scalar_t>(at_s + m * n * n, relevance, n, scalar_t(gamma_1), scalar_t(gamma_2),
+                                         scalar_t(delta), with_grad ? grad.data_ptr<scalar_t>() + m * n * n : nullptr);
   });
   return {loss, grad};
 }

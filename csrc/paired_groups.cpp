@@ -113,6 +113,15 @@ void add_combinations(const T* coef, int64_t n_rows, const T* x, int64_t x_strid
     }
 }
 
+// |x|^2 of one vector.
+template <typename T>
+inline T squared_norm(const T* x, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < dim; ++e) sum += x[e] * x[e];
+  return sum;
+}
+
 // The Gram matrices X X^T (n, L, L) of fragment sets (n, L, d), each vector contiguous, the sets and positions in any
 // strides (the packed columns are a transposed view).
 at::Tensor gram_matrices(const at::Tensor& fragments) {
@@ -143,7 +152,7 @@ at::Tensor squared_norms(const at::Tensor& vectors) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "squared_norms", [&] {
     const scalar_t* at_x = x.data_ptr<scalar_t>();
     scalar_t* out = sq.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < m; ++i) dots(at_x + i * dim, at_x + i * dim, dim, 1, dim, out + i);
+    for (int64_t i = 0; i < m; ++i) out[i] = squared_norm(at_x + i * dim, dim);
   });
   return sq;
 }
